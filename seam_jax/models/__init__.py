@@ -1,0 +1,42 @@
+"""Model registry and the parameter masks the optimizer needs (trainable / new layer / bias)."""
+import flax
+import jax.numpy as jnp
+
+from seam_jax.models.affinity import AffinityNet
+from seam_jax.models.resnet38 import FROZEN, ResNet38
+from seam_jax.models.seam import SEAM
+
+MODELS = {'seam': SEAM, 'affinity': AffinityNet}
+
+
+def build(kind, model_config):
+  """`kind` in MODELS; `model_config` has width_div and dtype ('float32' or 'bfloat16')."""
+  if kind not in MODELS:
+    raise ValueError(f'unknown model kind {kind!r}; expected one of {sorted(MODELS)}')
+  return MODELS[kind](width_div=model_config.width_div, dtype=jnp.dtype(model_config.dtype))
+
+
+def _label_params(params, fn):
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  return flax.traverse_util.unflatten_dict({k: fn(k) for k in flat})
+
+
+def is_batchnorm(path):
+  return any(p.startswith('bn') for p in path)
+
+
+def trainable_mask(params):
+  """True for parameters the original trains: not BatchNorm, not conv1a/b2/b2_1/b2_2 (SEAM_SPEC section 1)."""
+  return _label_params(params, lambda k: not is_batchnorm(k) and not (k[0] == 'backbone' and k[1] in FROZEN))
+
+
+def param_groups(params):
+  """The original's optimizer groups per parameter: 'frozen', or 0 backbone weights (1x lr, wd), 1 backbone biases
+  (2x, no wd), 2 new-layer weights (10x, wd), 3 new-layer biases (20x, no wd)."""
+  train = flax.traverse_util.flatten_dict(trainable_mask(params))
+
+  def group(k):
+    if not train[k]:
+      return 'frozen'
+    return (2 if k[0] != 'backbone' else 0) + (1 if k[-1] == 'bias' else 0)
+  return _label_params(params, group)
