@@ -58,6 +58,11 @@ def get_config():
   c.infer.scales = (0.5, 1.0, 1.5, 2.0)
   c.infer.flip = True
   c.infer.bucket = 64               # pad view sizes up to multiples of this (fewer recompilations)
+  # Padding is exact (conv inputs and the PCM are masked to each view's valid region); 1 = no padding, one
+  # compilation per distinct view shape.
+  c.infer.batch_size = 8            # views per device step (global; rounded up to a multiple of the devices)
+  c.infer.max_pending = 16          # images held while their views wait for a batch of the same padded shape
+  c.infer.threads = 4               # host threads preparing views and merging/saving CAMs
   c.infer.cam_dir = 'work_dirs/voc12/cam'
   c.infer.label_dir = ''            # optional label PNGs (argmax with bg = bg_threshold)
   c.infer.overlay_dir = ''          # optional CAM overlays for looking at
@@ -76,6 +81,7 @@ def get_config():
   c.eval.pred_type = 'npy'          # 'npy' (CAM dicts + threshold curve) or 'png'
   c.eval.thresholds = (0.0, 0.6, 0.01)  # start, stop (exclusive), step -> 60 values
   c.eval.out_dir = 'work_dirs/voc12/eval'
+  c.eval.workers = 0                # processes reading predictions; 0 = all cores, 1 = in-process
 
   # AffinityNet training (section 6).
   c.aff = ml_collections.ConfigDict()
@@ -90,17 +96,30 @@ def get_config():
   c.aff.lr = 0.01
   c.aff.weight_decay = 5e-4
   c.aff.init_weights = ''           # ImageNet ResNet38 as for SEAM
+  # Optimizer and bookkeeping fields the generic trainer reads (same meaning as in c.train).
+  c.aff.momentum = 0.0005           # QUIRK as in c.train
+  c.aff.fix_momentum = False
+  c.aff.fixed_momentum = 0.9
+  c.aff.poly_power = 0.9
+  c.aff.log_every = 50
+  c.aff.ckpt_every = 500
+  c.aff.keep_checkpoints = 3
+  c.aff.image_summaries = False
 
   # Random walk (section 7).
   c.rw = ml_collections.ConfigDict()
   c.rw.list = 'train'
-  c.rw.checkpoint = ''              # '' = <workdir>/aff/export
+  c.rw.checkpoint = ''              # '' = <workdir>/affinity/export
   c.rw.cam_dir = ''                 # '' = infer.cam_dir
   c.rw.out_dir = 'work_dirs/voc12/rw'
   c.rw.beta = 8
   c.rw.logt = 6
   c.rw.alpha = 6.0
   c.rw.backend = 'numpy'            # 'numpy' (CPU reference) or 'jax'
+  c.rw.jax_method = 'sparse'        # backend jax: 'sparse' (2**logt products v <- v @ T) or 'dense' (the
+                                    # original's logt squarings of the dense T; n^2 memory)
+  c.rw.batch_size = 1               # images of one padded size per network call
+  c.rw.workers = 0                  # host processes for backend numpy (0 = all cores, 1 = inline)
   c.rw.save_scores = False
   c.rw.force = False
   return c

@@ -58,7 +58,11 @@ def load_variables(path, kind, model_config):
     raise DataError(f'checkpoint not found: {path}')
   if os.path.isdir(path):
     return load_export(path, kind, model_config)
+  from seam_jax import convert  # pylint: disable=g-import-not-at-top
   if path.endswith('.pth'):
-    from seam_jax import convert  # pylint: disable=g-import-not-at-top
     return convert.load_pth(path, kind, model_config)
-  raise DataError(f'unknown checkpoint format: {path} (expected an export folder or a .pth file)')
+  if path.endswith('.npz'):   # an original-named state dict saved with NumPy (strict, like .pth)
+    return convert.load_npz(path, kind, model_config)
+  if path.endswith('.params'):  # MXNet ImageNet ResNet38: backbone only, the head keeps its init (seed 0)
+    return convert.imagenet_init(convert.init_variables(kind, model_config), path, kind, model_config)
+  raise DataError(f'unknown checkpoint format: {path} (expected an export folder, .pth, .npz or .params)')

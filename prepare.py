@@ -1,0 +1,30 @@
+"""Prepare lists and image-level labels from a VOC2012 folder (optionally generating the demo set first).
+
+  python prepare.py --config=configs/voc12.py --config.data.voc_root=data/VOC2012 --config.data.sbd_root=data/SBD
+  python prepare.py --config=configs/demo.py --demo
+"""
+import os
+
+from absl import flags
+
+from seam_jax import cli
+from seam_jax import prepare
+
+cli.define_config()
+flags.DEFINE_bool('demo', False, 'first generate the demo set at config.data.voc_root from config.demo')
+flags.DEFINE_bool('force_demo', False, 'with --demo: regenerate the demo set even if one is there')
+flags.DEFINE_integer('workers', 0, 'process pool size for the file checks (0: all cores)')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  workers = FLAGS.workers or os.cpu_count() or 1
+  if FLAGS.demo:
+    prepare.make_demo(config, force=FLAGS.force_demo, workers=workers)
+  prepare.prepare(config.data, workers=workers)
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,100 @@
+"""Dense CRF refinement of CAM dicts into the background/foreground score maps AffinityNet learns from
+(SEAM_SPEC section 4).
+
+For a background power alpha: v = stacked CAMs (K, H, W), bg = (1 - max_k v) ** alpha, probs = [bg, v] (NOT
+renormalised); a fully connected CRF (pydensecrf) with unary -log(clip(probs, 1e-5, 1)), Gaussian pairwise sxy=3
+compat=3 and bilateral sxy=80 srgb=13 compat=10 on the uint8 RGB image, 10 mean-field iterations. Output dict
+{0: bg, c + 1: fg class c} in `<crf_dir>_<alpha>/<id>.npy` for every alpha (alpha 4 and 24 by default: "la"/"ha").
+"""
+import functools
+import os
+
+from absl import logging
+import numpy as np
+import pydensecrf.densecrf as dcrf
+from pydensecrf.utils import unary_from_softmax
+from tqdm import tqdm
+
+from seam_jax import evaluation
+from seam_jax import voc
+
+
+def crf_inference(img, probs, t=10, labels=21):
+  """Mean-field marginals (labels, H, W) float32 of a dense CRF over uint8 HWC `img` with unary from `probs`."""
+  h, w = img.shape[:2]
+  d = dcrf.DenseCRF2D(w, h, labels)
+  d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+  d.addPairwiseGaussian(sxy=3, compat=3)
+  d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.ascontiguousarray(img, np.uint8), compat=10)
+  return np.array(d.inference(t), np.float32).reshape((labels, h, w))
+
+
+def cam_to_crf(cam_dict, img, alpha, t=10):
+  """{0: bg, c + 1: CRF score of class c} for a CAM dict {c: HxW} (keys kept in dict order, as the original)."""
+  h, w = img.shape[:2]
+  keys = list(cam_dict)
+  if not keys:  # no foreground label: a one-label CRF is the constant 1
+    return {0: np.ones((h, w), np.float32)}
+  v = np.stack([np.asarray(cam_dict[k], np.float32) for k in keys])
+  if v.shape[1:] != (h, w):
+    raise voc.DataError(f'CAM of shape {v.shape[1:]} does not match its image of shape {(h, w)}')
+  bg = np.power(1 - v.max(0, keepdims=True), alpha)
+  scores = crf_inference(img, np.concatenate([bg, v]), t, labels=len(keys) + 1)
+  out = {0: scores[0]}
+  out.update({k + 1: scores[i + 1] for i, k in enumerate(keys)})
+  return out
+
+
+def alpha_dir(crf_dir, alpha):
+  """`<crf_dir>_4.0` for alpha 4 (python str(float))."""
+  return f'{crf_dir}_{float(alpha)}'
+
+
+def _crf_one(task, alphas, iters, force):
+  """Write every missing alpha output of one image; returns the number of files written."""
+  image_path, cam_path, outs = task
+  todo = [(a, p) for a, p in zip(alphas, outs) if force or not os.path.isfile(p)]
+  if not todo:
+    return 0
+  img = voc.load_image(image_path)
+  cams = voc.load_npy_dict(cam_path)
+  if not isinstance(cams, dict):
+    raise voc.DataError(f'{cam_path} does not hold a dict class -> CAM')
+  for alpha, path in todo:
+    try:
+      res = cam_to_crf(cams, img, alpha, iters)
+    except voc.DataError as e:
+      raise voc.DataError(f'{cam_path}: {e}') from None
+    voc.save_npy_dict(path, res)
+  return len(todo)
+
+
+def crf_tasks(ids, voc_root, cam_dir, crf_dir, alphas):
+  from seam_jax.input_pipeline import image_path  # pylint: disable=g-import-not-at-top (keeps workers light)
+  return [(image_path(voc_root, i), os.path.join(cam_dir, i + '.npy'),
+           tuple(os.path.join(alpha_dir(crf_dir, a), i + '.npy') for a in alphas)) for i in ids]
+
+
+def run_tasks(tasks, alphas, iters=10, force=False, workers=0):
+  """CRF for every task in a process pool (workers 0 = all cores, 1 = in-process); returns files written."""
+  fn = functools.partial(_crf_one, alphas=tuple(alphas), iters=iters, force=force)
+  written = 0
+  with tqdm(total=len(tasks), desc='crf', leave=False) as bar:
+    for n in evaluation.pool_imap(fn, tasks, workers, chunksize=4):
+      written += n
+      bar.update(1)
+  return written
+
+
+def run_crf(config):
+  """CRF outputs of config.infer.list for every alpha of config.infer.crf_alphas (resume unless infer.force)."""
+  ic = config.infer
+  if not ic.crf_alphas:
+    logging.info('crf: no alphas configured, skipped')
+    return 0
+  ids = voc.read_list(voc.resolve_list(ic.list, config.data.list_dir))
+  tasks = crf_tasks(ids, config.data.voc_root, ic.cam_dir, ic.crf_dir, ic.crf_alphas)
+  written = run_tasks(tasks, ic.crf_alphas, ic.crf_iters, ic.force, ic.crf_workers)
+  logging.info('crf: wrote %d files for %d images into %s', written, len(ids),
+               ', '.join(alpha_dir(ic.crf_dir, a) for a in ic.crf_alphas))
+  return written

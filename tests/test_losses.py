@@ -1,0 +1,171 @@
+"""SEAM losses vs PyTorch implementations of the original formulas (NCHW, written here from SEAM_SPEC section 3),
+and the full SEAM loss value and parameter gradients vs the PyTorch reference net (tests/torch_reference.py)."""
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seam_jax import losses
+
+jax.config.update('jax_default_matmul_precision', 'highest')
+torch.set_num_threads(1)
+
+
+def nhwc(t):
+  return jnp.asarray(t.detach().numpy().transpose(0, 2, 3, 1))
+
+
+def nchw(a):
+  return torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())
+
+
+# ---------------------------------------------------------------------------------- torch formulas (NCHW)
+def t_max_norm(p, e=1e-5):
+  n, c = p.shape[:2]
+  p = F.relu(p)
+  mx = torch.max(p.view(n, c, -1), dim=-1)[0].view(n, c, 1, 1)
+  mn = torch.min(p.view(n, c, -1), dim=-1)[0].view(n, c, 1, 1)
+  return F.relu(p - mn - e) / (mx - mn + e)
+
+
+def t_amp(x):
+  n, _, h, w = x.shape
+  k = h * w // 4
+  m = torch.max(x, dim=1)[0]
+  y = torch.topk(m.reshape(n, -1), k=k, dim=-1, largest=False)[0]
+  return torch.sum(F.relu(y)) / (k * n)
+
+
+def t_onehot(x):
+  x = x.clone()
+  fg = x[:, 1:]
+  mx = torch.max(fg, dim=1, keepdim=True)[0]
+  x[:, 1:] = torch.where(fg != mx, torch.zeros_like(fg), fg)
+  return x
+
+
+def t_topk_mean(x, ratio):
+  n, c, h, w = x.shape
+  return torch.mean(torch.topk(x.reshape(n, -1), k=int(c * h * w * ratio), dim=-1)[0])
+
+
+def t_seam_loss(cam1, rv1, cam2, rv2, label, scale, ratio=0.2):
+  """The original training step's loss, in-place background assignment included."""
+  lab = label[:, :, None, None]
+  up = lambda t: F.interpolate(t, scale_factor=scale, mode='bilinear', align_corners=True)
+  p1 = F.adaptive_avg_pool2d(cam1, (1, 1))
+  p2 = F.adaptive_avg_pool2d(cam2, (1, 1))
+  min1 = t_amp((rv1 * lab)[:, 1:])
+  min2 = t_amp((rv2 * lab)[:, 1:])
+  cam1 = up(t_max_norm(cam1)) * lab
+  rv1 = up(t_max_norm(rv1)) * lab
+  cam2 = t_max_norm(cam2) * lab
+  rv2 = t_max_norm(rv2) * lab
+  cls1 = F.multilabel_soft_margin_loss(p1[:, 1:], lab[:, 1:])
+  cls2 = F.multilabel_soft_margin_loss(p2[:, 1:], lab[:, 1:])
+  er = torch.mean(torch.abs(cam1[:, 1:] - cam2[:, 1:]))
+  cam1[:, 0] = 1 - torch.max(cam1[:, 1:], dim=1)[0]
+  cam2[:, 0] = 1 - torch.max(cam2[:, 1:], dim=1)[0]
+  ecr = (t_topk_mean(torch.abs(t_onehot(cam2.detach()) - rv1), ratio) +
+         t_topk_mean(torch.abs(t_onehot(cam1.detach()) - rv2), ratio))
+  cls = (cls1 + cls2) / 2 + (min1 + min2) / 2
+  return cls + er + ecr, {'cls': cls, 'er': er, 'ecr': ecr}
+
+
+def random_label(rng, n):
+  lab = (rng.random((n, 20)) < 0.3).astype(np.float32)
+  lab[np.arange(n), rng.integers(0, 20, n)] = 1.      # at least one class per image
+  return np.concatenate([np.ones((n, 1), np.float32), lab], 1)
+
+
+def close(a, b, tol=1e-5):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------- unit tests
+def test_multilabel_soft_margin():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 20)).astype(np.float32) * 3
+  y = (rng.random((4, 20)) < 0.4).astype(np.float32)
+  ref = F.multilabel_soft_margin_loss(torch.from_numpy(x), torch.from_numpy(y))
+  close(losses.multilabel_soft_margin(x, y), ref.item())
+
+
+@pytest.mark.parametrize('shape', [(2, 20, 12, 12), (3, 20, 9, 7)])
+def test_adaptive_min_pooling_loss(shape):
+  x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+  close(losses.adaptive_min_pooling_loss(nhwc(x)), t_amp(x).item())
+
+
+def test_adaptive_min_pooling_loss_ties():
+  """Many exact ties (zeros of absent classes, repeated values): the value set is what counts."""
+  x = torch.randint(-2, 3, (2, 20, 8, 8)).float()
+  close(losses.adaptive_min_pooling_loss(nhwc(x)), t_amp(x).item())
+
+
+def test_onehot_background_topk_er():
+  g = torch.Generator().manual_seed(2)
+  cam = torch.rand((2, 21, 10, 10), generator=g)
+  cam[:, 5] = cam[:, 3]                       # ties keep both tied values
+  close(losses.max_onehot(nhwc(cam)), nhwc(t_onehot(cam)), 0)
+  bg = cam.clone()
+  bg[:, 0] = 1 - torch.max(bg[:, 1:], dim=1)[0]
+  close(losses.with_background(nhwc(cam)), nhwc(bg), 1e-6)
+  close(losses.topk_mean(nhwc(cam), 0.2), t_topk_mean(cam, 0.2).item())
+  other = torch.rand((2, 21, 10, 10), generator=g)
+  close(losses.er_loss(nhwc(cam), nhwc(other)), torch.mean(torch.abs(cam[:, 1:] - other[:, 1:])).item())
+
+
+def test_ecr_loss():
+  g = torch.Generator().manual_seed(3)
+  c1, c2, r1, r2 = (torch.rand((2, 21, 9, 9), generator=g) for _ in range(4))
+  ref = t_topk_mean(torch.abs(t_onehot(c2) - r1), 0.2) + t_topk_mean(torch.abs(t_onehot(c1) - r2), 0.2)
+  close(losses.ecr_loss(nhwc(c1), nhwc(c2), nhwc(r1), nhwc(r2), 0.2), ref.item())
+
+
+@pytest.mark.parametrize('size,scale', [(32, 0.3), (40, 0.5)])
+def test_seam_loss_value_and_gradients_vs_torch(size, scale):
+  """Value, logged terms and gradients w.r.t. all four network outputs, on random outputs."""
+  g = torch.Generator().manual_seed(4)
+  small = int(np.floor(size * scale))
+  t_out = [torch.randn((2, 21, s, s), generator=g, requires_grad=True) for s in (size, size, small, small)]
+  label = random_label(np.random.default_rng(4), 2)
+  t_loss, t_terms = t_seam_loss(*t_out, torch.from_numpy(label), scale)
+  t_loss.backward()
+
+  def f(outs):
+    cam1, rv1, cam2, rv2 = outs
+    return losses.seam_loss((cam1, rv1), (cam2, rv2), label, losses.Rescale(scale), 0.2)
+  (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)([nhwc(t) for t in t_out])
+  close(loss, t_loss.item())
+  for k in ('cls', 'er', 'ecr'):
+    close(metrics[k], t_terms[k].item())
+  for gj, t in zip(grads, t_out):
+    close(gj, nhwc(t.grad), 1e-6)
+
+
+@pytest.mark.parametrize('transform', [losses.HFlip(), losses.Rot90(1)])
+def test_exactly_equivariant_outputs_give_zero_er(transform):
+  """If the second view's CAMs are exactly the transformed first ones, ER is 0; a mismatched view is not."""
+  cam, rv = (jax.random.normal(k, (2, 12, 12, 21)) for k in jax.random.split(jax.random.key(0)))
+  label = jnp.asarray(random_label(np.random.default_rng(5), 2))
+  _, m = losses.seam_loss((cam, rv), (transform.cam(cam), transform.cam(rv)), label, transform)
+  assert float(m['er']) == 0.
+  _, m_wrong = losses.seam_loss((cam, rv), (cam[:, ::-1], rv[:, ::-1]), label, transform)
+  assert float(m_wrong['er']) > 0.01
+
+
+def test_make_transform():
+  c = ml_collections.ConfigDict({'transform': 'rescale', 'scale_factor': 0.3})
+  assert losses.make_transform(c) == losses.Rescale(0.3)
+  assert losses.make_transform(c).image(jnp.zeros((1, 448, 448, 3))).shape == (1, 134, 134, 3)
+  c.transform = 'flip'
+  assert isinstance(losses.make_transform(c), losses.HFlip)
+  c.transform = 'bogus'
+  with pytest.raises(ValueError, match='bogus'):
+    losses.make_transform(c)

@@ -1,0 +1,245 @@
+"""Random walk (SEAM_SPEC section 7): sparse == dense squaring, NumPy == JAX == a torch re-implementation of the
+original's dense algorithm, a hand-checked tiny graph, and the driver (resume, outputs, errors)."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from configs import demo
+from seam_jax import checkpoints, models, voc
+from seam_jax import random_walk as rwm
+from seam_jax.models.affinity import pair_affinity, search_offsets
+from tests import torch_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_aff(rng, dh, dw, radius):
+  """Smooth-ish random affinities in (0, 1] with the layout of pair_affinity on a (dh, dw) grid."""
+  feats = rng.normal(size=(1, dh, dw, 6)).cumsum(1) * 0.3
+  return np.asarray(pair_affinity(jnp.asarray(feats, jnp.float32), radius))[0]
+
+
+def random_cam(rng, h, w, classes):
+  return {c: (rng.random((h // 6 + 1, w // 6 + 1)).repeat(6, 0).repeat(6, 1)[:h, :w]).astype(np.float32)
+          for c in classes}
+
+
+# --------------------------------------------------------------------------------------------------- hand case
+def test_transition_and_walk_hand_case():
+  # A 2 x 3 grid with radius 2: one "from" pixel (node 1) linked to nodes 2, 3, 4, 5 (offsets (0,1), (1,-1),
+  # (1,0), (1,1)); node 0 has only its self-loop.
+  a = np.array([0.5, 0.25, 1.0, 0.0], np.float32).reshape(4, 1, 1)
+  beta = 2
+  t = rwm.transition_sparse(a, 2, 3, 2, beta).toarray()
+  w = a.ravel() ** beta                        # 0.25, 0.0625, 1, 0
+  expected = np.eye(6)
+  expected[1, 2:] = expected[2:, 1] = w
+  expected /= expected.sum(0, keepdims=True)   # column j: A[:, j] / (1 + ...)
+  np.testing.assert_allclose(t, expected, rtol=1e-12)
+  np.testing.assert_allclose(t[:, 1], np.array([0, 1, .25, .0625, 1, 0]) / 2.3125, rtol=1e-12)
+  np.testing.assert_allclose(t.sum(0), 1., rtol=1e-12)
+  v = np.array([[1., 0, 0, 0, 0, 2], [0, 1, 0, 0, 0, 0]])
+  np.testing.assert_allclose(rwm.walk_sparse(v, rwm.transition_sparse(a, 2, 3, 2, beta), 2), v @ expected @ expected,
+                             rtol=1e-12)
+  # Node 5's link weight is 0: its mass stays put; node 0 is isolated.
+  np.testing.assert_allclose(rwm.walk_sparse(v, rwm.transition_sparse(a, 2, 3, 2, beta), 64)[0, [0, 5]], [1, 2])
+
+
+def test_edges_match_pair_layout():
+  rows, cols, pair = rwm.edges(7, 9, 3)
+  p = len(search_offsets(3))
+  assert len(rows) == 2 * p * (7 - 2) * (9 - 4) + 63
+  assert np.all(np.diff(cols) >= 0)                          # sorted for segment_sum
+  assert np.array_equal(rows[pair < 0], cols[pair < 0])      # the diagonal
+  keys = set(zip(rows.tolist(), cols.tolist()))
+  assert len(keys) == len(rows) and all((c, r) in keys for r, c in keys)   # no duplicates, symmetric
+
+
+def test_pooled_cams_background_and_padding():
+  rng = np.random.default_rng(0)
+  cam = random_cam(rng, 13, 17, [2, 14])
+  pooled = rwm.pooled_cams(cam, 13, 17, 6.)
+  assert pooled.shape == (21, 2, 3)
+  full = np.zeros((21, 16, 24), np.float32)
+  full[3, :13, :17], full[15, :13, :17] = cam[2], cam[14]
+  full[0, :13, :17] = (1 - np.maximum(cam[2], cam[14])) ** 6
+  np.testing.assert_allclose(pooled, full.reshape(21, 2, 8, 3, 8).mean((2, 4)), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ implementations agree
+def test_sparse_iteration_equals_dense_t64():
+  rng = np.random.default_rng(1)
+  dh, dw = 9, 12
+  radius = rwm.effective_radius(dh, dw, 5)
+  aff = random_aff(rng, dh, dw, radius)
+  cams = rng.random((21, dh, dw))
+  sparse = rwm.random_walk_numpy(aff, cams, radius, 8, 6)
+  dense = rwm.random_walk_numpy(aff, cams, radius, 8, 6, dense=True)
+  np.testing.assert_allclose(sparse, dense, rtol=1e-9, atol=1e-12)
+  assert not np.allclose(sparse, cams, rtol=1e-2)     # the walk did something
+
+
+def torch_original_walk(aff, cam, h, w, radius, alpha=6., beta=8, logt=6):
+  """The original's infer_aff algorithm in torch, written from the spec: dense A from the pairs, A**beta, column
+  normalisation, logt squarings, 8x8 average-pooled CAMs @ T, bilinear (align_corners=False) upsample, argmax."""
+  hp, wp = -(-h // 8) * 8, -(-w // 8) * 8
+  dh, dw = hp // 8, wp // 8
+  i_from, i_to = torch_reference.pair_indices(dh, dw, radius)
+  i_from = i_from.repeat(len(i_to) // len(i_from))
+  a = torch.from_numpy(aff).reshape(-1)
+  n = dh * dw
+  mat = torch.eye(n)
+  mat[i_from, i_to] = a
+  mat[i_to, i_from] = a
+  mat = mat ** beta
+  trans = mat / mat.sum(0, keepdim=True)
+  for _ in range(logt):
+    trans = trans @ trans
+  full = torch.zeros(21, h, w)
+  for c, v in cam.items():
+    full[c + 1] = torch.from_numpy(v)
+  full[0] = (1 - full[1:].amax(0)) ** alpha
+  full = F.pad(full, (0, wp - w, 0, hp - h))
+  rw = F.avg_pool2d(full[None], 8, 8).reshape(21, -1) @ trans
+  up = F.interpolate(rw.reshape(1, 21, dh, dw), (hp, wp), mode='bilinear', align_corners=False)[0]
+  return up[:, :h, :w].numpy()
+
+
+def agree_except_near_ties(label, ref_scores, tol):
+  top2 = np.sort(ref_scores, axis=0)[-2:]
+  clear = (top2[1] - top2[0]) > tol * ref_scores.max()
+  assert clear.mean() > 0.9
+  np.testing.assert_array_equal(label[clear], np.argmax(ref_scores, 0)[clear])
+
+
+@pytest.mark.parametrize('h, w', [(100, 90), (45, 70)])
+def test_numpy_and_jax_match_torch_original(h, w):
+  rng = np.random.default_rng(h)
+  dh, dw = rwm.grid_size(h, w)
+  radius = rwm.walk_radius(h, w, 5)
+  assert radius == (5 if (h, w) == (100, 90) else 2)
+  aff = random_aff(rng, dh, dw, radius)
+  cam = random_cam(rng, h, w, [0, 7, 11])
+  ref = torch_original_walk(aff, cam, h, w, radius)
+  cams = rwm.pooled_cams(cam, h, w, 6.)
+  label, scores = rwm.labels_numpy(rwm.random_walk_numpy(aff, cams, radius, 8, 6), (h, w))
+  np.testing.assert_allclose(scores, ref, rtol=1e-4, atol=1e-6 * ref.max())
+  agree_except_near_ties(label, ref, 1e-4)
+  for method in ('sparse', 'dense'):
+    rw = jax.jit(lambda a, c, m=method: rwm.walk_jax(a, c, radius, 8, 6, m))(aff[None], cams[None])
+    labels_j, scores_j = rwm.labels_jax(rw)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(scores_j[0, :h, :w]), -1, 0), ref, rtol=2e-4,
+                               atol=1e-5 * ref.max())
+    agree_except_near_ties(np.asarray(labels_j[0, :h, :w]), ref, 1e-3)
+
+
+def test_walk_jax_batches_images_independently():
+  rng = np.random.default_rng(5)
+  aff = np.stack([random_aff(rng, 6, 7, 2) for _ in range(2)])
+  cams = rng.random((2, 21, 6, 7)).astype(np.float32)
+  both = rwm.walk_jax(aff, cams, 2, 8, 6)
+  for i in range(2):
+    np.testing.assert_allclose(both[i], rwm.random_walk_numpy(aff[i], cams[i], 2, 8, 6), rtol=1e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+IMAGE_SIZES = {'a': (40, 52), 'b': (40, 49), 'c': (33, 60)}   # a, b share the padded size (40, 56)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp('rw')
+  rng = np.random.default_rng(0)
+  cfg = demo.get_config()
+  cfg.workdir = str(root / 'work')
+  cfg.data.voc_root = str(root / 'VOC2012')
+  cfg.data.list_dir = str(root / 'lists')
+  cfg.model.width_div = 32
+  cfg.infer.cam_dir = str(root / 'cam')
+  cfg.rw.out_dir = str(root / 'rw')
+  cfg.rw.workers = 1
+  cfg.rw.batch_size = 2
+  voc.write_list(os.path.join(cfg.data.list_dir, 'train.txt'), list(IMAGE_SIZES))
+  for i, (h, w) in IMAGE_SIZES.items():
+    os.makedirs(os.path.join(cfg.data.voc_root, 'JPEGImages'), exist_ok=True)
+    img = (rng.random((h // 4 + 1, w // 4 + 1, 3)) * 255).repeat(4, 0).repeat(4, 1)[:h, :w].astype(np.uint8)
+    Image.fromarray(img).save(os.path.join(cfg.data.voc_root, 'JPEGImages', i + '.jpg'))
+    voc.save_npy_dict(os.path.join(cfg.infer.cam_dir, i + '.npy'), random_cam(rng, h, w, [3, 8]))
+  model = models.build('affinity', cfg.model)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  checkpoints.save_export(os.path.join(cfg.workdir, 'affinity', 'export'), variables, 'affinity', cfg.model)
+  return cfg, model, variables
+
+
+def read_png(path):
+  return np.asarray(Image.open(path))
+
+
+def test_driver_matches_direct_computation_and_resumes(setup):
+  cfg, model, variables = setup
+  cfg = cfg.copy_and_resolve_references()
+  cfg.rw.save_scores = True
+  rwm.run(cfg)
+  for i, (h, w) in IMAGE_SIZES.items():
+    img = voc.normalize(np.asarray(Image.open(os.path.join(cfg.data.voc_root, 'JPEGImages', i + '.jpg'))))
+    x = rwm.pad_image(img, rwm.padded_size(h, w))[None]
+    radius = rwm.walk_radius(h, w, 5)
+    aff = np.asarray(pair_affinity(model.apply(variables, x), radius))[0]
+    cam = voc.load_npy_dict(os.path.join(cfg.infer.cam_dir, i + '.npy'))
+    ref = torch_original_walk(aff, cam, h, w, radius)
+    out = read_png(os.path.join(cfg.rw.out_dir, i + '.png'))
+    assert out.shape == (h, w)
+    agree_except_near_ties(out, ref, 1e-4)
+    scores = voc.load_npy_dict(os.path.join(cfg.rw.out_dir, i + '.npy'))
+    assert sorted(scores) == [0, 4, 9]
+    np.testing.assert_allclose(scores[9], ref[9], rtol=1e-4, atol=1e-6)
+  # Resume: nothing is redone (mtimes unchanged) unless forced.
+  png = os.path.join(cfg.rw.out_dir, 'a.png')
+  os.utime(png, (1, 1))
+  rwm.run(cfg)
+  assert os.path.getmtime(png) == 1
+  cfg.rw.force = True
+  rwm.run(cfg)
+  assert os.path.getmtime(png) != 1
+
+
+def test_driver_jax_backend_matches_numpy(setup, tmp_path):
+  cfg, _, _ = setup
+  outs = {}
+  for backend in ('numpy', 'jax'):
+    c = cfg.copy_and_resolve_references()
+    c.rw.backend = backend
+    c.rw.out_dir = str(tmp_path / backend)
+    rwm.run(c)
+    outs[backend] = {i: read_png(os.path.join(c.rw.out_dir, i + '.png')) for i in IMAGE_SIZES}
+  for i in IMAGE_SIZES:
+    assert (outs['numpy'][i] == outs['jax'][i]).mean() > 0.99
+  assert not os.path.exists(os.path.join(tmp_path, 'jax', 'a.npy'))   # scores only when asked
+
+
+def test_missing_cam_is_a_data_error(setup, tmp_path):
+  cfg, _, _ = setup
+  c = cfg.copy_and_resolve_references()
+  c.rw.out_dir = str(tmp_path / 'out')
+  c.rw.cam_dir = str(tmp_path / 'nocams')
+  with pytest.raises(voc.DataError, match='nocams'):
+    rwm.run(c)
+
+
+def test_cli_reports_missing_checkpoint(setup, tmp_path):
+  cfg, _, _ = setup
+  args = [f'--config.{k}={v}' for k, v in (('data.list_dir', cfg.data.list_dir), ('infer.cam_dir', cfg.infer.cam_dir),
+                                           ('rw.out_dir', tmp_path / 'o'), ('rw.checkpoint', tmp_path / 'none'))]
+  r = subprocess.run([sys.executable, 'random_walk.py', '--config=configs/demo.py', *args], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert r.returncode != 0
+  assert 'checkpoint not found' in r.stderr and str(tmp_path / 'none') in r.stderr
+  assert 'Traceback' not in r.stderr
