@@ -96,6 +96,8 @@ def get_config():
   c.aff.lr = 0.01
   c.aff.weight_decay = 5e-4
   c.aff.init_weights = ''           # ImageNet ResNet38 as for SEAM
+  c.aff.normalize_before_crop = False  # False = the original: crop the uint8 image (padding = black, i.e. -mean/std
+                                       # once normalised); True: pad 0 in normalised space as in SEAM training
   # Optimizer and bookkeeping fields the generic trainer reads (same meaning as in c.train).
   c.aff.momentum = 0.0005           # QUIRK as in c.train
   c.aff.fix_momentum = False

@@ -227,9 +227,14 @@ def _read_legacy_pth(path):
 
 def _torch_load(path):
   import torch  # pylint: disable=g-import-not-at-top
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  obj = _unwrap(torch.load(path, map_location='cpu', weights_only=True))
   conv = lambda v: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy() if torch.is_tensor(v) else v
   return {k: conv(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
+
+
+def _unwrap(obj):
+  """Training checkpoints often wrap the weights as {'state_dict': ..., 'epoch': ...}."""
+  return obj['state_dict'] if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict) else obj
 
 
 def has_torch():
@@ -252,8 +257,7 @@ def read_pth(path, use_torch=None):
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'{path}: cannot read as a PyTorch weights file ({type(e).__name__}: {e})') from e
-  if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
-    obj = obj['state_dict']
+  obj = _unwrap(obj)
   if not isinstance(obj, dict):
     raise DataError(f'{path}: holds a {type(obj).__name__}, not a state dict')
   obj = {k: v.numpy() if isinstance(v, _Tensor) else v for k, v in obj.items()}

@@ -3,7 +3,7 @@
 
 For a background power alpha: v = stacked CAMs (K, H, W), bg = (1 - max_k v) ** alpha, probs = [bg, v] (NOT
 renormalised); a fully connected CRF (pydensecrf) with unary -log(clip(probs, 1e-5, 1)), Gaussian pairwise sxy=3
-compat=3 and bilateral sxy=80 srgb=13 compat=10 on the uint8 RGB image, 10 mean-field iterations. Output dict
+compat=3 and bilateral sxy=80 srgb=13 compat=10 on the uint8 RGB image (a writable C-contiguous copy), 10 mean-field iterations. Output dict
 {0: bg, c + 1: fg class c} in `<crf_dir>_<alpha>/<id>.npy` for every alpha (alpha 4 and 24 by default: "la"/"ha").
 """
 import functools
@@ -25,7 +25,7 @@ def crf_inference(img, probs, t=10, labels=21):
   d = dcrf.DenseCRF2D(w, h, labels)
   d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
   d.addPairwiseGaussian(sxy=3, compat=3)
-  d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.ascontiguousarray(img, np.uint8), compat=10)
+  d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.require(img, np.uint8, 'CW'), compat=10)
   return np.array(d.inference(t), np.float32).reshape((labels, h, w))
 
 

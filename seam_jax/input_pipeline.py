@@ -193,14 +193,15 @@ def labelled_ids(ids, label_path, on_error='raise'):
     raise voc.DataError(f'{len(bad)} listed ids have no 20-dim label in {label_path}, e.g. {bad[:3]}')
   if bad:
     logging.warning('skipping %d ids without a 20-dim label in %s, e.g. %s', len(bad), label_path, bad[:3])
-    ids = [i for i in ids if i not in set(bad)]
+    bad = set(bad)
+    ids = [i for i in ids if i not in bad]
   if not ids:
     raise voc.DataError(f'no labelled ids left (label file {label_path})')
   return ids, voc.labels_for(ids, cls_labels, label_path)
 
 
 def seam_train_loader(config, seed=None):
-  """(grain DataLoader of SEAM training batches {'image' (B,H,W,3), 'label' (B,20)}, number of records).
+  """(loader of SEAM training batches {'image' (B,H,W,3), 'label' (B,20)} (make_loader), number of records).
 
   Reads config.data (voc_root, train_list in list_dir, cls_labels, crop/resize/jitter, num_workers, prefetch,
   on_error), config.train.batch_size (global) and config.seed (unless `seed` is given). The stream is infinite:

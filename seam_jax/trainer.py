@@ -8,6 +8,7 @@ export for the inference stages. Per-step randomness is fold_in(base_rng, step),
 uninterrupted one.
 """
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -64,14 +65,25 @@ def num_steps(hparams, num_records):
   return steps
 
 
-def init_variables(config, task, rng, pretrained=True):
-  """model.init on a dummy batch, then (if `pretrained`) the ImageNet ResNet38 weights when configured
-  (hparams.init_weights, else config.model.init_weights)."""
-  model = models.build(task.model_kind, config.model)
-  x = jnp.zeros((1, *task.init_input_shape, 3), jnp.float32)
-  variables = flax.core.unfreeze(jax.jit(lambda r: model.init({'params': r, 'dropout': r}, x))(rng))
+@functools.lru_cache(maxsize=None)
+def _jitted_init(kind, width_div, dtype, shape):
+  """One compiled model.init per model/shape (random init compiles slowly on CPU: reuse it)."""
+  model = models.build(kind, ml_collections.ConfigDict({'width_div': width_div, 'dtype': dtype}))
+  x = jnp.zeros((1, *shape, 3), jnp.float32)
+  return jax.jit(lambda r: flax.core.unfreeze(model.init({'params': r, 'dropout': r}, x)))
+
+
+def random_init(config, task):
+  return _jitted_init(task.model_kind, int(config.model.width_div), str(config.model.dtype),
+                      tuple(task.init_input_shape))
+
+
+def init_variables(config, task, rng):
+  """model.init on a dummy batch, then the ImageNet ResNet38 weights when configured (hparams.init_weights, else
+  config.model.init_weights)."""
+  variables = random_init(config, task)(rng)
   path = task.hparams.get('init_weights', '') or config.model.init_weights
-  if path and pretrained:
+  if path:
     from seam_jax import convert  # pylint: disable=g-import-not-at-top  (lazy: only when weights are given)
     variables = convert.imagenet_init(variables, path, task.model_kind, config.model)
   return variables
@@ -155,17 +167,18 @@ def save_checkpoint(mngr, step, state, rng, data_iter, meta):
       meta=ocp.args.JsonSave(meta)))
 
 
-def restore_checkpoint(mngr, state, rng, data_iter, meta):
-  """(state, rng) of the latest checkpoint; `data_iter` is restored in place. A checkpoint of another task, model
-  kind or width is a DataError naming the folder."""
-  step = mngr.latest_step()
-  saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+def check_checkpoint(mngr, meta):
+  """A checkpoint of another task, model kind or width is a DataError naming the folder."""
+  saved = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
   if saved != meta:
     raise DataError(f'{mngr.directory} holds a checkpoint of {saved}, but this run trains {meta}: use another '
                     'workdir or delete that folder')
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'state': state, 'rng': rng})
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                   data=grain.checkpoint.CheckpointRestore(data_iter)))
+
+
+def restore_checkpoint(mngr, abstract, data_iter):
+  """The latest {'state', 'rng'} as `abstract` (ShapeDtypeStructs with shardings); `data_iter` restored in place."""
+  out = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)))
   return out['state']['state'], out['state']['rng']
 
 
@@ -220,17 +233,23 @@ def train(config, task, stop_step=None):
   max_steps = num_steps(hp, num_records)
   model = models.build(task.model_kind, config.model)
   mngr = checkpoint_manager(os.path.join(workdir, 'ckpt'), hp.keep_checkpoints)
-  resume = mngr.latest_step() is not None
-  init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  variables = init_variables(config, task, init_rng, pretrained=not resume)
-  tx, schedule = optim.make_optimizer(hp, variables['params'], max_steps)
-  state = replicate(state_from_variables(variables, tx), mesh)
-  rng = replicate(rng, mesh)
-  data_iter = iter(loader)
   meta = _meta(config, task)
+  resume = mngr.latest_step() is not None
   if resume:
-    state, rng = restore_checkpoint(mngr, state, rng, data_iter, meta)
+    check_checkpoint(mngr, meta)
+  init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  shapes = jax.eval_shape(random_init(config, task), init_rng)
+  tx, schedule = optim.make_optimizer(hp, shapes['params'], max_steps)
+  data_iter = iter(loader)
+  if resume:
+    repl = jax.sharding.NamedSharding(mesh, P())
+    abstract = jax.eval_shape(lambda v, r: {'state': state_from_variables(v, tx), 'rng': r}, shapes, rng)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
+    state, rng = restore_checkpoint(mngr, abstract, data_iter)
     logging.info('%s: resumed from step %d', task.name, int(state.step))
+  else:
+    state = replicate(state_from_variables(init_variables(config, task, init_rng), tx), mesh)
+    rng = replicate(rng, mesh)
   step_fn = jit_train_step(make_train_step(model, task, tx), mesh)
   log = MetricLogger(workdir)
   start = int(state.step)

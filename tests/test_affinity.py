@@ -1,5 +1,6 @@
 """AffinityNet labels, loss and training task (SEAM_SPEC section 6)."""
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -154,3 +155,137 @@ def test_loss_is_jittable_and_differentiable_through_pair_affinity():
   f = jax.jit(jax.value_and_grad(lambda x: al.affinity_loss(pair_affinity(x, 5), labels)[0]))
   loss, g = f(x)
   assert np.isfinite(loss) and np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ training data + task
+def write_demo_record(root, image_id, h, w, classes, rng):
+  """A position-coded image (R = column, G = row, B = 200) and la/ha CRF dicts with random blocky scores."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from seam_jax import voc  # pylint: disable=g-import-not-at-top
+  rows, cols = np.mgrid[:h, :w]
+  img = np.stack([cols, rows, np.full_like(rows, 200)], -1).astype(np.uint8)
+  os.makedirs(root / 'VOC2012' / 'JPEGImages', exist_ok=True)
+  Image.fromarray(img).save(root / 'VOC2012' / 'JPEGImages' / f'{image_id}.png', format='PNG')
+  os.replace(root / 'VOC2012' / 'JPEGImages' / f'{image_id}.png', root / 'VOC2012' / 'JPEGImages' / f'{image_id}.jpg')
+  for name, power in (('crf_4.0', 4), ('crf_24.0', 24)):
+    fg = {c: np.kron(rng.random((h // 4 + 1, w // 4 + 1)) * (rng.random((h // 4 + 1, w // 4 + 1)) < .5),
+                     np.ones((4, 4)))[:h, :w].astype(np.float32) for c in classes}
+    bg = (1 - np.max(list(fg.values()), 0)) ** power
+    voc.save_npy_dict(str(root / name / f'{image_id}.npy'), {0: bg, **{c + 1: v for c, v in fg.items()}})
+
+
+@pytest.fixture(scope='module')
+def aff_config(tmp_path_factory):
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from seam_jax import voc  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('aff')
+  rng = np.random.default_rng(0)
+  sizes = {'x1': (40, 52), 'x2': (60, 30), 'x3': (56, 56), 'x4': (33, 47)}
+  for i, (h, w) in sizes.items():
+    write_demo_record(root, i, h, w, [4, 11] if i != 'x3' else [2], rng)
+  cfg = demo.get_config()
+  cfg.workdir = str(root / 'work')
+  cfg.data.voc_root = str(root / 'VOC2012')
+  cfg.data.list_dir = str(root / 'lists')
+  cfg.infer.crf_dir = str(root / 'crf')
+  cfg.aff.crop_size = 48
+  cfg.aff.batch_size = 2
+  cfg.model.width_div = 32
+  voc.write_list(str(root / 'lists' / 'train.txt'), list(sizes))
+  return cfg
+
+
+def decode_and_expect(out, record, normalize_before_crop, radius):
+  """From the position-coded output image find where every container pixel came from, rebuild the expected
+  cropped+flipped la/ha scores by indexing, and their labels."""
+  from seam_jax import voc  # pylint: disable=g-import-not-at-top
+  img = out['image']
+  if normalize_before_crop:
+    pad = np.all(img == 0, -1)
+  else:
+    pad = np.all(np.abs(img - voc.normalize(np.zeros((1, 1, 3), np.uint8))) < 1e-5, -1)
+  px = np.rint((img * voc.STD + voc.MEAN) * 255).astype(int)
+  assert np.all(px[~pad][:, 2] == 200)                             # every non-padding pixel is image content
+  k = record['la'].shape[-1]
+  scores = np.concatenate([record['la'], record['ha']], -1)
+  exp = np.where(pad[..., None], 0., scores[np.where(pad, 0, px[..., 1]), np.where(pad, 0, px[..., 0])])
+  cols = np.where(pad, -1, px[..., 0])
+  return affinity_labels_of(exp, k, radius), cols
+
+
+def affinity_labels_of(scores, k, radius):
+  return al.affinity_labels(scores[..., :k].astype(np.float32), scores[..., k:].astype(np.float32), radius)
+
+
+@pytest.mark.parametrize('normalize_before_crop', [False, True])
+def test_transform_crops_and_flips_image_and_scores_jointly(aff_config, normalize_before_crop):
+  from seam_jax import affinity_task as at  # pylint: disable=g-import-not-at-top
+  cfg = aff_config.copy_and_resolve_references()
+  cfg.aff.normalize_before_crop = normalize_before_crop
+  cfg.data.jitter = (0., 0., 0., 0.)                                # keep the position code intact
+  source = at.AffinitySource(cfg.data.voc_root, ['x1', 'x2', 'x3', 'x4'], *at.score_dirs(cfg))
+  transform = at.AffinityTransform.from_config(cfg)
+  flips = set()
+  for seed in range(6):
+    for index in range(4):
+      record = source[index]
+      out = transform(record, np.random.default_rng(seed))
+      assert out['image'].shape == (48, 48, 3) and out['image'].dtype == np.float32
+      assert out['aff_labels'].shape == (3, 4, 5, 4) and out['aff_labels'].dtype == np.uint8  # 6x6 grid: radius 2
+      expected, cols = decode_and_expect(out, record, normalize_before_crop, 5)
+      np.testing.assert_array_equal(out['aff_labels'], expected)
+      row = cols[np.argmax((cols >= 0).sum(1))]
+      row = row[row >= 0]
+      flips.add(bool(row[0] > row[-1]))
+  assert flips == {True, False}
+
+
+def test_transform_jitters_colours(aff_config):
+  from seam_jax import affinity_task as at  # pylint: disable=g-import-not-at-top
+  source = at.AffinitySource(aff_config.data.voc_root, ['x3'], *at.score_dirs(aff_config))
+  plain = at.AffinityTransform(48, (0., 0., 0., 0.), 5)(source[0], np.random.default_rng(1))
+  jittered = at.AffinityTransform(48, (.3, .3, .3, .1), 5)(source[0], np.random.default_rng(1))
+  assert np.abs(plain['image'] - jittered['image']).mean() > 0.01
+
+
+def test_missing_or_mismatched_crf_files_are_data_errors(aff_config, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from seam_jax import affinity_task as at  # pylint: disable=g-import-not-at-top
+  from seam_jax import voc  # pylint: disable=g-import-not-at-top
+  la_dir, ha_dir = at.score_dirs(aff_config)
+  other = tmp_path / 'ha'
+  shutil.copytree(ha_dir, other)
+  os.remove(other / 'x2.npy')
+  d = voc.load_npy_dict(str(other / 'x1.npy'))
+  voc.save_npy_dict(str(other / 'x1.npy'), {0: d[0], 5: d[5]})
+  source = at.AffinitySource(aff_config.data.voc_root, ['x1', 'x2', 'x3'], la_dir, str(other))
+  with pytest.raises(voc.DataError, match='x2.npy'):
+    source[1]
+  with pytest.raises(voc.DataError, match='different classes'):
+    source[0]
+  skipping = at.AffinitySource(aff_config.data.voc_root, ['x1', 'x2', 'x3'], la_dir, str(other), on_error='skip')
+  assert skipping[1] is None and skipping[2]['la'].shape == (56, 56, 2) and skipping.skipped == 1
+
+
+def test_loader_and_loss_fn(aff_config):
+  from seam_jax import affinity_task as at, models  # pylint: disable=g-import-not-at-top
+  from tests.test_random_walk import random_variables  # pylint: disable=g-import-not-at-top
+  task = at.affinity_task(aff_config)
+  assert (task.name, task.model_kind, task.hparams) == ('affinity', 'affinity', aff_config.aff)
+  loader, n = task.make_loader(0)
+  assert n == 4
+  batch = next(iter(loader))
+  assert batch['image'].shape == (2, 48, 48, 3) and batch['aff_labels'].shape == (2, 3, 4, 5, 4)
+  model = models.build('affinity', aff_config.model)
+  variables = random_variables(model)
+  fn = jax.jit(lambda v, b, r: jax.value_and_grad(lambda p: task.loss_fn(
+      model, {'params': p, 'batch_stats': v['batch_stats']}, b, r, 0), has_aux=True)(v['params']))
+  b = {k: jnp.asarray(v) for k, v in batch.items() if k != 'id'}
+  (loss, metrics), grads = fn(variables, b, jax.random.PRNGKey(0))
+  feats = model.apply(variables, b['image'])
+  ref = al.affinity_loss(pair_affinity(feats, 2), b['aff_labels'])[0]
+  assert np.isfinite(loss) and abs(float(loss) - float(ref)) > 0       # dropout active in training mode
+  eval_loss = at.make_loss_fn(5, train=False)(model, variables, b, jax.random.PRNGKey(0), 0)[0]
+  np.testing.assert_allclose(eval_loss, ref, rtol=1e-5)
+  assert float(jnp.abs(grads['f9']['kernel']).sum()) > 0
+  assert set(metrics) >= {'bg_loss', 'fg_loss', 'neg_loss', 'bg_cnt', 'fg_cnt', 'neg_cnt'}

@@ -62,33 +62,32 @@ def host(tree):
   return jax.tree.map(np.asarray, tree)
 
 
-def test_data_parallel_step_matches_single_device(tmp_path):
-  config = make_config(tmp_path)
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """The same run straight through, and stopped after 3 steps then resumed to the end (6 steps)."""
+  root = tmp_path_factory.mktemp('runs')
+  straight_cfg = make_config(root / 'straight', image_summaries=False)
+  straight = trainer.train(straight_cfg, task_for(straight_cfg))
+  config = make_config(root / 'resumed')
   task = task_for(config)
-  model = models.build('seam', config.model)
-  params0 = host(trainer.init_variables(config, task, jax.random.PRNGKey(0))['params'])
-  tx, _ = trainer.optim.make_optimizer(config.train, params0, 10)
-  state0 = host(trainer.create_state(config, task, jax.random.PRNGKey(0), tx))
-  batch = next(iter(task.make_loader(0)[0]))
-  rng = jax.random.PRNGKey(7)
-  results = []
-  for mesh in (trainer.make_mesh(jax.devices()[:1]), trainer.make_mesh()):
-    step = trainer.jit_train_step(trainer.make_train_step(model, task, tx), mesh)
-    state, metrics = step(trainer.replicate(state0, mesh), trainer.shard_batch(batch, mesh), trainer.replicate(rng, mesh))
-    results.append((host(state.params), host(metrics)))
-  assert jax.device_count() == 8
-  (p1, m1), (p8, m8) = results
-  for k in ('loss', 'cls', 'er', 'ecr'):
-    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
-  deltas = [jax.tree.map(lambda a, b: a - b, p, state0.params) for p in (p1, p8)]
-  moved = sum(float(np.abs(d).sum()) for d in jax.tree.leaves(deltas[0]))
-  assert moved > 0
-  for d1, d8 in zip(jax.tree.leaves(deltas[0]), jax.tree.leaves(deltas[1])):
-    np.testing.assert_allclose(d8, d1, rtol=1e-4, atol=1e-6 * max(np.abs(d1).max(), 1e-12))
+  trainer.train(config, task, stop_step=3)
+  stopped_export = os.path.exists(root / 'resumed/seam/export')
+  resumed = trainer.train(config, task)
+  return dict(straight=straight, resumed=resumed, config=config, task=task, root=root,
+              stopped_export=stopped_export)
+
+
+def test_resume_is_bit_exact(runs):
+  assert not runs['stopped_export']
+  for a, b in zip(jax.tree.leaves(runs['straight']), jax.tree.leaves(runs['resumed'])):
+    np.testing.assert_array_equal(a, b)
+  init = trainer.init_variables(runs['config'], runs['task'], jax.random.split(jax.random.PRNGKey(0))[0])
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host(init)), jax.tree.leaves(runs['resumed']))]
+  assert any(changed) and not all(changed)   # trained, and the frozen layers stayed put
 
 
 def read_events(path):
-  """Tags of the TensorBoard event file (TFRecord framing: length, crc, payload, crc)."""
+  """Tags of a TensorBoard event file (TFRecord framing: length, crc, payload, crc)."""
   tags = set()
   with open(path, 'rb') as f:
     data = f.read()
@@ -101,22 +100,8 @@ def read_events(path):
   return tags
 
 
-def test_resume_is_bit_exact_and_logs(tmp_path):
-  straight_cfg = make_config(tmp_path / 'straight')
-  straight = trainer.train(straight_cfg, task_for(straight_cfg))
-  config = make_config(tmp_path / 'resumed')
-  task = task_for(config)
-  trainer.train(config, task, stop_step=3)
-  assert not os.path.exists(tmp_path / 'resumed/seam/export')
-  resumed = trainer.train(config, task)
-  max_steps = (NUM_RECORDS // 8) * 3
-  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(a, b)
-  init = trainer.init_variables(config, task, jax.random.split(jax.random.PRNGKey(config.seed))[0])
-  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host(init)), jax.tree.leaves(resumed))]
-  assert any(changed) and not all(changed)   # trained, and the frozen layers stayed put
-
-  work = tmp_path / 'resumed/seam'
+def test_logs_checkpoints_and_export(runs):
+  work = runs['root'] / 'resumed/seam'
   lines = [json.loads(l) for l in open(work / 'metrics.jsonl')]
   assert [l['step'] for l in lines] == [2, 3, 4, 6]
   for l in lines:
@@ -126,16 +111,37 @@ def test_resume_is_bit_exact_and_logs(tmp_path):
   tags = set().union(*(read_events(e) for e in events))
   assert {'train/loss', 'train/ecr', 'train/lr', 'train/cam', 'train/cam_rv'} <= tags
   steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(work / 'ckpt/*')) if os.path.basename(p).isdigit())
-  assert steps == [3, 4, max_steps]   # every ckpt_every=2 steps, at the stop and at the end; keep 3
-  exported = checkpoints.load_variables(str(work / 'export'), 'seam', config.model)
-  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(resumed)):
+  assert steps == [3, 4, 6]   # every ckpt_every=2 steps, at the stop and at the end; keep_checkpoints=3
+  exported = checkpoints.load_variables(str(work / 'export'), 'seam', runs['config'].model)
+  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(runs['resumed'])):
     np.testing.assert_array_equal(a, b)
 
 
-def test_checkpoint_of_another_kind_is_a_clear_error(tmp_path):
-  config = make_config(tmp_path, max_steps=1)
-  task = task_for(config)
-  trainer.train(config, task, stop_step=1)
-  other = dataclasses.replace(task, model_kind='affinity')
-  with pytest.raises(DataError, match=r'ckpt.*affinity'):
-    trainer.train(config, other)
+def test_checkpoint_of_another_kind_is_a_clear_error(runs):
+  other = dataclasses.replace(runs['task'], model_kind='affinity')
+  with pytest.raises(DataError, match=r'resumed/seam/ckpt.*affinity'):
+    trainer.train(runs['config'], other)
+
+
+def test_data_parallel_step_matches_single_device(runs):
+  """One jit step on 1 device and on 8 (batch sharded, same global batch, same dropout rng): same update."""
+  config, task = runs['config'], runs['task']
+  model = models.build('seam', config.model)
+  tx, _ = trainer.optim.make_optimizer(config.train, runs['resumed']['params'], 10)
+  state0 = host(trainer.state_from_variables(runs['resumed'], tx))
+  batch = next(iter(task.make_loader(0)[0]))
+  rng = jax.random.PRNGKey(7)
+  results = []
+  for mesh in (trainer.make_mesh(jax.devices()[:1]), trainer.make_mesh()):
+    step = trainer.jit_train_step(trainer.make_train_step(model, task, tx), mesh)
+    state, metrics = step(trainer.replicate(state0, mesh), trainer.shard_batch(batch, mesh),
+                          trainer.replicate(rng, mesh))
+    results.append((host(state.params), host(metrics)))
+  assert jax.device_count() == 8
+  (p1, m1), (p8, m8) = results
+  for k in ('loss', 'cls', 'er', 'ecr'):
+    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
+  deltas = [jax.tree.map(lambda a, b: a - b, p, state0.params) for p in (p1, p8)]
+  assert sum(float(np.abs(d).sum()) for d in jax.tree.leaves(deltas[0])) > 0
+  for d1, d8 in zip(jax.tree.leaves(deltas[0]), jax.tree.leaves(deltas[1])):
+    np.testing.assert_allclose(d8, d1, rtol=1e-4, atol=1e-6 * max(np.abs(d1).max(), 1e-12))

@@ -164,23 +164,25 @@ def test_normalize_values():
   np.testing.assert_allclose(out[0, 1], [0.515 / 0.229, 0.544 / 0.224, 0.594 / 0.225], rtol=1e-6)
 
 
-CFG = types.SimpleNamespace(resize_long=(32, 32), jitter=(0.3, 0.3, 0.3, 0.1), crop_size=40)
+def cfg(long, crop):
+  return types.SimpleNamespace(resize_long=(long, long), jitter=(0.3, 0.3, 0.3, 0.1), crop_size=crop)
 
 
-def test_seam_train_transform_order_and_padding():
+@pytest.mark.parametrize('long,short,crop', [(32, 21, 40), (64, 43, 40)])   # image inside the crop / larger
+def test_seam_train_transform_order_and_padding(long, short, crop):
   img = rng(5).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-  out = T.seam_train_transform(img, rng(7), CFG)
-  assert out.shape == (40, 40, 3) and out.dtype == np.float32
-  np.testing.assert_array_equal(out, T.seam_train_transform(img, rng(7), CFG))   # deterministic
-  assert not np.array_equal(out, T.seam_train_transform(img, rng(8), CFG))
-  # resize (30x20 -> 32x21), flip, jitter, normalise, crop: replay the same draws step by step
+  out = T.seam_train_transform(img, rng(7), cfg(long, crop))
+  assert out.shape == (crop, crop, 3) and out.dtype == np.float32
+  np.testing.assert_array_equal(out, T.seam_train_transform(img, rng(7), cfg(long, crop)))   # deterministic
+  assert not np.array_equal(out, T.seam_train_transform(img, rng(8), cfg(long, crop)))
+  # resize (30x20 -> long x short), flip, jitter, normalise, crop: replay the same draws step by step
   r = rng(7)
-  x = T.random_resize_long(img, 32, 32, r)
-  assert x.shape == (21, 32, 3)
+  x = T.random_resize_long(img, long, long, r)
+  assert x.shape == (short, long, 3)
   x, _ = T.random_hflip(x, r)
   x = T.normalize(T.color_jitter(x, 0.3, 0.3, 0.3, 0.1, r))
-  (expected,), box = T.random_crop(x, size=40, rng=r)
+  (expected,), box = T.random_crop(x, size=crop, rng=r)
   np.testing.assert_array_equal(out, expected)
   # padding is exactly 0 in normalised space (not black = -mean/std)
-  assert (np.abs(out).sum(-1) == 0).sum() == 40 * 40 - 21 * 32
+  assert (np.abs(out).sum(-1) == 0).sum() == crop * crop - min(short, crop) * min(long, crop)
   assert np.all(out[~box.valid()] == 0)
