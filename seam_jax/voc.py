@@ -33,9 +33,15 @@ def voc_palette():
   return pal
 
 
+# (x / 255 - mean) / std computed in float64 then stored as float32, as the original does: a 256 x 3 lookup table.
+_NORM_LUT = ((np.arange(256)[:, None] / 255. - np.array([0.485, 0.456, 0.406])) /
+             np.array([0.229, 0.224, 0.225])).astype(np.float32)
+
+
 def normalize(img_uint8):
-  """HWC uint8 RGB -> float32 (x / 255 - mean) / std."""
-  return (np.asarray(img_uint8, np.float32) / 255. - MEAN) / STD
+  """HWC uint8 RGB -> float32 (x / 255 - mean) / std, bit-identical to the original's float64-then-cast."""
+  img = np.asarray(img_uint8, np.uint8)
+  return _NORM_LUT[img, np.arange(3)]
 
 
 def parse_id(line):

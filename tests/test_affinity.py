@@ -282,7 +282,7 @@ def test_loader_and_loss_fn(aff_config):
       model, {'params': p, 'batch_stats': v['batch_stats']}, b, r, 0), has_aux=True)(v['params']))
   b = {k: jnp.asarray(v) for k, v in batch.items() if k != 'id'}
   (loss, metrics), grads = fn(variables, b, jax.random.PRNGKey(0))
-  feats = model.apply(variables, b['image'])
+  feats = jax.jit(model.apply)(variables, b['image'])
   ref = al.affinity_loss(pair_affinity(feats, 2), b['aff_labels'])[0]
   assert np.isfinite(loss) and abs(float(loss) - float(ref)) > 0       # dropout active in training mode
   eval_loss = at.make_loss_fn(5, train=False)(model, variables, b, jax.random.PRNGKey(0), 0)[0]

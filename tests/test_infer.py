@@ -25,12 +25,23 @@ IMAGES = {'2007_00000A': (40, 56, (3, 11)), '2007_00000B': (44, 60, (0,)), '2007
 
 def random_variables(model, seed=0):
   """Random weights without compiling an init: He-normal kernels and non-trivial BatchNorm statistics (so the
-  padding of a view would leak into its outputs if the masking were wrong)."""
+  padding of a view would leak into its outputs if the masking were wrong).
+
+  fc8 picks one distinct conv6 channel per labelled class (zero elsewhere): the PCM keeps only the winning class
+  per pixel, a discontinuous choice that a 1-ulp difference between matmuls of different shapes can flip where
+  two classes peak at the same pixel; with one-hot columns the CAM is bitwise identical across view shapes, and
+  everything after it is continuous.
+  """
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   rng = np.random.default_rng(seed)
 
   def draw(path, s):
     name = path[-1].key
+    if name == 'kernel' and path[1].key == 'fc8':
+      k = np.zeros(s.shape, np.float32)
+      for j, c in enumerate(sorted({c for _, _, cls in IMAGES.values() for c in cls})):
+        k[0, 0, 7 * j, c + 1] = 1.
+      return k
     if name == 'kernel':
       return rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape).astype(np.float32)
     if name in ('scale', 'var'):
