@@ -50,6 +50,7 @@ def get_config():
   c.train.ckpt_every = 500
   c.train.keep_checkpoints = 3
   c.train.image_summaries = True
+  c.train.fast_compile = False      # CPU only: compile the step without LLVM optimisation (small runs)
 
   # CAM inference and CRF (section 4).
   c.infer = ml_collections.ConfigDict()
@@ -107,6 +108,7 @@ def get_config():
   c.aff.ckpt_every = 500
   c.aff.keep_checkpoints = 3
   c.aff.image_summaries = False
+  c.aff.fast_compile = False
 
   # Random walk (section 7).
   c.rw = ml_collections.ConfigDict()

@@ -105,29 +105,35 @@ def _guess_kind(keys):
 
 # ----------------------------------------------------------------------------- state dict <-> variables
 
+def _assign(template, sd, names, source, kind, model_config_):
+  """`template` with the leaves named `names` replaced by sd[name] (torch layout); shape mismatch -> DataError."""
+  flat = {col: flax.traverse_util.flatten_dict(flax.core.unfreeze(template[col])) for col in template}
+  entries = {t: (col, p, x) for t, col, p, x in _entries(template) if t in names}
+  bad = [f'{t} {tuple(np.shape(sd[t]))} vs model {_torch_shape(p, x.shape)}' for t, (_, p, x) in entries.items()
+         if tuple(np.shape(sd[t])) != _torch_shape(p, x.shape)]
+  if bad:
+    raise DataError(f'{source}: tensor shapes do not match the {kind} model of width_div '
+                    f'{model_config_.width_div} (weights of another width?): {_few(bad, 3)}')
+  for t, (col, p, x) in entries.items():
+    flat[col][p] = _from_torch(p, np.asarray(sd[t], x.dtype))
+  return {col: flax.traverse_util.unflatten_dict(f) for col, f in flat.items()}
+
+
 def state_dict_to_variables(sd, kind, model_config_, name='state dict'):
   """Strict conversion of an original state dict (name -> array) into {'params', 'batch_stats'} of `kind`.
 
   Every model tensor must be present with the right shape and nothing else may be there; errors name `name`.
   """
   sd = clean_state_dict(sd)
-  expected = {t: (col, path, x) for t, col, path, x in _entries(abstract_variables(kind, model_config_))}
-  missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
+  shapes = abstract_variables(kind, model_config_)
+  expected = {t for t, *_ in _entries(shapes)}
+  missing, unexpected = expected - set(sd), set(sd) - expected
   if missing or unexpected:
     guess = _guess_kind(sd)
     hint = f'this looks like a {guess} checkpoint' if guess and guess != kind else 'not a checkpoint of this model'
     raise DataError(f'{name}: checkpoint of the wrong model for {kind!r} ({hint}); missing keys: '
                     f'{_few(missing) or "none"}; unexpected keys: {_few(unexpected) or "none"}')
-  bad = [f'{t} {tuple(np.shape(sd[t]))} vs model {_torch_shape(p, x.shape)}' for t, (_, p, x) in expected.items()
-         if tuple(np.shape(sd[t])) != _torch_shape(p, x.shape)]
-  if bad:
-    raise DataError(f'{name}: tensor shapes do not match the {kind} model of width_div {model_config_.width_div} '
-                    f'(checkpoint of another width?): {"; ".join(bad[:3])}' + (f' (+{len(bad) - 3} more)' if
-                                                                               len(bad) > 3 else ''))
-  flat = {'params': {}, 'batch_stats': {}}
-  for t, (col, path, x) in expected.items():
-    flat[col][path] = _from_torch(path, np.asarray(sd[t], x.dtype))
-  return {col: flax.traverse_util.unflatten_dict(f) for col, f in flat.items()}
+  return _assign(shapes, sd, expected, name, kind, model_config_)
 
 
 def variables_to_state_dict(variables, kind):
@@ -397,7 +403,7 @@ def mxnet_to_torch_names(d):
     if 'conv1a' in t0:
       name = 'conv1a.weight'
     elif len(toks) > 1 and 'branch' in toks[1]:
-      block = f'b{t0[-2]}' if t0[-1] == 'a' else f'b{t0[-3]}_{t0[-2]}'
+      block = f'b{t0[-2]}' if t0[-1] == 'a' else f'b{t0[-3]}_{t0[-1]}'
       is_conv = t0.startswith('res')
       name = f'{block}.{"conv" if is_conv else "bn"}_{toks[1]}.' + (
           'weight' if is_conv else _BN_PARAMS.get(toks[-1], toks[-1]))
@@ -428,28 +434,16 @@ def imagenet_init(variables, path, kind, model_config_):
   Shape mismatches are errors (as in torch's non-strict load); absent tensors keep their init and are logged.
   """
   sd = read_weights(path)
-  flat = {col: flax.traverse_util.flatten_dict(flax.core.unfreeze(variables[col])) for col in variables}
-  backbone = {t: (col, path_) for t, col, path_, _ in _entries(variables) if path_[0] == 'backbone'}
-  loaded, bad = [], []
-  for t, (col, p) in backbone.items():
-    if t not in sd:
-      continue
-    x = flat[col][p]
-    if tuple(np.shape(sd[t])) != _torch_shape(p, x.shape):
-      bad.append(f'{t} {tuple(np.shape(sd[t]))} vs model {_torch_shape(p, x.shape)}')
-      continue
-    flat[col][p] = _from_torch(p, np.asarray(sd[t], x.dtype))
-    loaded.append(t)
-  if bad:
-    raise DataError(f'{path}: backbone shapes do not match the {kind} model of width_div '
-                    f'{model_config_.width_div}: {"; ".join(bad[:3])}')
+  backbone = {t for t, _, p, _ in _entries(variables) if p[0] == 'backbone'}
+  loaded = backbone & set(sd)
   if not loaded:
     raise DataError(f'{path}: no ResNet38 backbone tensor found (keys like {_few(sd, 3)})')
-  missing, unused = set(backbone) - set(loaded), set(sd) - set(loaded)
+  variables = _assign(variables, sd, loaded, path, kind, model_config_)
+  missing, unused = backbone - loaded, set(sd) - loaded
   logging.info('%s: loaded %d of %d backbone tensors; %d missing%s; %d unused%s', path, len(loaded), len(backbone),
                len(missing), f' ({_few(missing)})' if missing else '', len(unused),
                f' ({_few(unused)})' if unused else '')
-  return {col: flax.traverse_util.unflatten_dict(f) for col, f in flat.items()}
+  return variables
 
 
 # ----------------------------------------------------------------------------- CLI

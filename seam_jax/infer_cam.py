@@ -265,8 +265,10 @@ def schedule(engine, items, max_pending=16, depth=2):
       if shape is not None:
         dispatch(shape)
         yield from drain(depth)
-      else:
+      elif inflight:  # all its views are on the devices: wait for the oldest batch
         yield from drain(len(inflight) - 1)
+      else:
+        raise AssertionError('scheduler: a pending image has no view left to run')
   for shape in list(buffers):
     dispatch(shape)
     yield from drain(depth)

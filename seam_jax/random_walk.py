@@ -29,7 +29,7 @@ from PIL import Image
 import scipy.sparse
 import tqdm
 
-from seam_jax import checkpoints, models, ops, voc
+from seam_jax import checkpoints, input_pipeline, models, ops, voc
 from seam_jax.affinity_labels import block_mean
 from seam_jax.models.affinity import effective_radius, pair_affinity, pair_indices
 from seam_jax.voc import NUM_CLASSES
@@ -135,14 +135,15 @@ def upsample_numpy(rw, size):
   """(C, dh, dw) -> (C, H, W) bilinear, align_corners=False (the same weights as ops.resize_bilinear)."""
   mh = ops._interp_matrix(rw.shape[1], size[0], False)  # pylint: disable=protected-access
   mw = ops._interp_matrix(rw.shape[2], size[1], False)  # pylint: disable=protected-access
-  return np.einsum('oh,chw,pw->cop', mh.astype(rw.dtype), rw, mw.astype(rw.dtype))
+  return mh.astype(rw.dtype) @ rw @ mw.T.astype(rw.dtype)
 
 
 def labels_numpy(rw, hw):
   """rw (21, dh, dw) -> (uint8 label (h, w), float32 scores (21, h, w)): upsample to the padded size, argmax,
   crop."""
+  rw = np.asarray(rw, np.float32)
   scores = upsample_numpy(rw, (rw.shape[1] * STRIDE, rw.shape[2] * STRIDE))[:, :hw[0], :hw[1]]
-  return np.argmax(scores, axis=0).astype(np.uint8), scores.astype(np.float32)
+  return np.argmax(scores, axis=0).astype(np.uint8), scores
 
 
 def walk_jax(aff, cams, radius, beta, logt, method='sparse'):
@@ -258,14 +259,13 @@ def batches_by_size(ids, sizes, batch_size):
   return [(size, g[k:k + batch_size]) for size, g in sorted(groups.items()) for k in range(0, len(g), batch_size)]
 
 
-def load_batch(config, chunk, size, batch_size):
-  """Normalised padded images (batch_size, Hp, Wp, 3); a short chunk repeats its last image (outputs unused)."""
-  imgs = [pad_image(voc.normalize(voc.load_image(image_path(config, i))), size) for i in chunk]
-  return np.stack(imgs + imgs[-1:] * (batch_size - len(imgs)))
-
-
-def image_path(config, image_id):
-  return os.path.join(config.data.voc_root, 'JPEGImages', image_id + '.jpg')
+def image_batches(config, batches, batch_size):
+  """Yield normalised padded images (batch_size, Hp, Wp, 3) per (size, chunk), decoded ahead in threads; a short
+  chunk repeats its last image (those outputs are unused)."""
+  images = input_pipeline.iterate_images(config.data.voc_root, [i for _, chunk in batches for i in chunk])
+  for size, chunk in batches:
+    imgs = [pad_image(voc.normalize(next(images)[1]), size) for _ in chunk]
+    yield np.stack(imgs + imgs[-1:] * (batch_size - len(imgs)))
 
 
 def run(config):
@@ -284,7 +284,7 @@ def run(config):
   ckpt = rw.checkpoint or os.path.join(config.workdir, 'affinity', 'export')
   variables = checkpoints.load_variables(ckpt, 'affinity', config.model)
   step = make_step(models.build('affinity', config.model), config, rw.backend)
-  sizes = {i: image_size(image_path(config, i)) for i in todo}
+  sizes = {i: image_size(input_pipeline.image_path(config.data.voc_root, i)) for i in todo}
   job_rw = {k: rw[k] for k in ('alpha', 'beta', 'logt', 'out_dir', 'save_scores')}
   bs = max(int(rw.batch_size), 1)
   workers = (int(rw.workers) or os.cpu_count()) if rw.backend == 'numpy' else 1
@@ -292,8 +292,8 @@ def run(config):
           if workers > 1 else None)   # spawn: the parent process holds JAX
   pending = collections.deque()
   with tqdm.tqdm(total=len(todo), desc='random walk') as bar, pool or contextlib.nullcontext():
-    for size, chunk in batches_by_size(todo, sizes, bs):
-      x = load_batch(config, chunk, size, bs)
+    batches = batches_by_size(todo, sizes, bs)
+    for (_, chunk), x in zip(batches, image_batches(config, batches, bs)):
       if rw.backend == 'numpy':
         aff = np.asarray(step(variables, x))
         for k, i in enumerate(chunk):

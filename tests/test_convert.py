@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import flax
-import jax
 import numpy as np
 import pytest
 import torch
@@ -72,7 +71,8 @@ def test_dataparallel_prefix_and_wrapped_state_dict(tmp_path):
 @pytest.mark.parametrize('zip_format', [True, False])
 def test_numpy_pth_reader_matches_torch(zip_format, tmp_path):
   big = torch.arange(20, dtype=torch.float32) * 1.5
-  sd = collections.OrderedDict(make_ref('affinity').state_dict())
+  sd = make_ref('affinity').state_dict()   # an OrderedDict carrying `_metadata`, as the original saved it
+  assert hasattr(sd, '_metadata')
   sd.update({'view': big[3:7], 'big': big, 'transposed': torch.randn(3, 5).t(), 'half': torch.randn(4).half(),
              'bf16': torch.randn(2, 3).bfloat16(), 'scalar': torch.tensor(7), 'flags': torch.tensor([True, False])})
   path = str(tmp_path / 'w.pth')

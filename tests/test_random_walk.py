@@ -234,6 +234,7 @@ def test_driver_jax_backend_matches_numpy(setup, tmp_path):
   for backend in ('numpy', 'jax'):
     c = cfg.copy_and_resolve_references()
     c.rw.backend = backend
+    c.rw.workers = 2 if backend == 'numpy' else 1      # the process-pool path
     c.rw.out_dir = str(tmp_path / backend)
     rwm.run(c)
     outs[backend] = {i: read_png(os.path.join(c.rw.out_dir, i + '.png')) for i in IMAGE_SIZES}

@@ -169,7 +169,8 @@ class SEAMRef(ResNet38Ref):
 def pair_indices(h, w, radius):
   """(from (hf*wf,), to (P*hf*wf,)) flat indices of the affinity pairs on an (h, w) map (spec section 6)."""
   offsets = [(0, dx) for dx in range(1, radius)]
-  offsets += [(dy, dx) for dy in range(1, radius) for dx in range(1 - radius, radius) if dy * dy + dx * dx < radius ** 2]
+  offsets += [(dy, dx) for dy in range(1, radius) for dx in range(1 - radius, radius)
+              if dy * dy + dx * dx < radius ** 2]
   full = np.arange(h * w).reshape(h, w)
   ch, cw = h - (radius - 1), w - 2 * (radius - 1)
   ind_from = full[:ch, radius - 1:radius - 1 + cw].reshape(-1)
