@@ -68,7 +68,10 @@ def affinity_labels(la, ha, radius):
   if la.shape != ha.shape:
     raise ValueError(f'la and ha score maps differ in shape: {la.shape} vs {ha.shape}')
   label = label_map(block_mean(la), block_mean(ha))
-  return np.stack(pair_labels(label, effective_radius(*label.shape, radius))).astype(np.uint8)
+  r = effective_radius(*label.shape, radius)
+  if r < 2:
+    raise ValueError(f'a {la.shape[0]}x{la.shape[1]} crop gives a {label.shape} grid: too small for any pair')
+  return np.stack(pair_labels(label, r)).astype(np.uint8)
 
 
 def affinity_loss(aff, labels):

@@ -3,8 +3,9 @@
 
 For a background power alpha: v = stacked CAMs (K, H, W), bg = (1 - max_k v) ** alpha, probs = [bg, v] (NOT
 renormalised); a fully connected CRF (pydensecrf) with unary -log(clip(probs, 1e-5, 1)), Gaussian pairwise sxy=3
-compat=3 and bilateral sxy=80 srgb=13 compat=10 on the uint8 RGB image (a writable C-contiguous copy), 10 mean-field iterations. Output dict
-{0: bg, c + 1: fg class c} in `<crf_dir>_<alpha>/<id>.npy` for every alpha (alpha 4 and 24 by default: "la"/"ha").
+compat=3 and bilateral sxy=80 srgb=13 compat=10 on the uint8 RGB image (pydensecrf needs it writable and
+C-contiguous), 10 mean-field iterations. Output dict {0: bg, c + 1: fg class c} in `<crf_dir>_<alpha>/<id>.npy`
+for every alpha (4 and 24 by default: the "la" and "ha" maps of AffinityNet training).
 """
 import functools
 import os

@@ -159,7 +159,7 @@ def prepare_views(img, scales, flip, bucket):
   return out
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)  # <= 512 x 250 KB at VOC sizes
 def upsample_matrix(n_low, n_view, n_out, flip):
   """(n_out, n_low): the network's align_corners=True upsample to the view size followed by the inference
   align_corners=False resize to the image size (rows reversed for a mirrored view: un-flips the output)."""

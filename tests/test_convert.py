@@ -261,6 +261,7 @@ def test_cli_module_converts_mxnet_params(tmp_path):
   variables = checkpoints.load_variables(export, 'affinity', CFG32)
   np.testing.assert_array_equal(variables['params']['backbone']['conv1a']['kernel'],
                                 backbone['conv1a.weight'].transpose(2, 3, 1, 0))
-  bad = subprocess.run(cmd[:6] + [export + '16', '--kind', 'affinity', '--width_div', '16'], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300, check=False)
-  assert bad.returncode != 0 and 'in.params' in bad.stderr and 'Traceback' not in bad.stderr
+  missing = str(tmp_path / 'missing.params')
+  bad = subprocess.run(cmd[:4] + [missing] + cmd[5:], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert bad.returncode != 0 and 'missing.params' in bad.stderr and 'Traceback' not in bad.stderr
