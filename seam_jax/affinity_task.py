@@ -66,8 +66,9 @@ class AffinitySource:
     return {'id': image_id, 'image': image, 'la': la, 'ha': ha}
 
   def __repr__(self):
+    digest = input_pipeline._ids_digest(self.ids)  # pylint: disable=protected-access
     return (f'AffinitySource(voc_root={self.voc_root!r}, la_dir={self.la_dir!r}, ha_dir={self.ha_dir!r}, '
-            f'num_records={len(self.ids)}, ids_crc32={input_pipeline._ids_digest(self.ids)})')  # pylint: disable=protected-access
+            f'num_records={len(self.ids)}, ids_crc32={digest})')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,11 +31,20 @@ def _parse(argv):
     sys.exit(f'error: {e}')
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Orbax and XLA log every checkpoint step at INFO: keep their warnings, drop the chatter."""
+  NOISY = ('/orbax/', '/jax/_src/', '/grain/')
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
 def run(main):
   """app.run with DataError (bad input: a file or a key named in the message) reported as one line."""
   def wrapped(argv):
     pylogging.getLogger('absl').setLevel(pylogging.INFO)
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
       return main(argv)
     except DataError as e:

@@ -229,6 +229,27 @@ def mean_metrics(history):
 
 
 # -------------------------------------------------------------------------------------------------------- train
+def initial_state(config, task, mesh, mngr, data_iter, max_steps):
+  """(state, base rng, tx, schedule): restored from the latest checkpoint (with `data_iter`) or freshly
+  initialised (ImageNet weights when configured); replicated over `mesh`."""
+  meta = _meta(config, task)
+  resume = mngr.latest_step() is not None
+  if resume:
+    check_checkpoint(mngr, meta)
+  init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  shapes = jax.eval_shape(random_init(config, task), init_rng)
+  tx, schedule = optim.make_optimizer(task.hparams, shapes['params'], max_steps)
+  if not resume:
+    state = state_from_variables(init_variables(config, task, init_rng), tx)
+    return replicate(state, mesh), replicate(rng, mesh), tx, schedule
+  repl = jax.sharding.NamedSharding(mesh, P())
+  abstract = jax.eval_shape(lambda v, r: {'state': state_from_variables(v, tx), 'rng': r}, shapes, rng)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
+  state, rng = restore_checkpoint(mngr, abstract, data_iter)
+  logging.info('%s: resumed from step %d of %s', task.name, int(state.step), mngr.directory)
+  return state, rng, tx, schedule
+
+
 def train(config, task, stop_step=None):
   """Train `task` to its step count (resuming from <workdir>/<name>/ckpt if any) and export the final weights to
   <workdir>/<name>/export. `stop_step` ends this run early with a checkpoint (to split a run over jobs).
@@ -240,45 +261,36 @@ def train(config, task, stop_step=None):
     raise ValueError(f'{task.name}: batch size {hp.batch_size} is not divisible by {mesh.size} devices')
   loader, num_records = task.make_loader(config.seed)
   max_steps = num_steps(hp, num_records)
-  model = models.build(task.model_kind, config.model)
-  mngr = checkpoint_manager(os.path.join(workdir, 'ckpt'), hp.keep_checkpoints)
-  meta = _meta(config, task)
-  resume = mngr.latest_step() is not None
-  if resume:
-    check_checkpoint(mngr, meta)
-  init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  shapes = jax.eval_shape(random_init(config, task), init_rng)
-  tx, schedule = optim.make_optimizer(hp, shapes['params'], max_steps)
   data_iter = iter(loader)
-  if resume:
-    repl = jax.sharding.NamedSharding(mesh, P())
-    abstract = jax.eval_shape(lambda v, r: {'state': state_from_variables(v, tx), 'rng': r}, shapes, rng)
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
-    state, rng = restore_checkpoint(mngr, abstract, data_iter)
-    logging.info('%s: resumed from step %d', task.name, int(state.step))
-  else:
-    state = replicate(state_from_variables(init_variables(config, task, init_rng), tx), mesh)
-    rng = replicate(rng, mesh)
+  mngr = checkpoint_manager(os.path.join(workdir, 'ckpt'), hp.keep_checkpoints)
+  state, rng, tx, schedule = initial_state(config, task, mesh, mngr, data_iter, max_steps)
+  model = models.build(task.model_kind, config.model)
   step_fn = jit_train_step(make_train_step(model, task, tx), mesh, hp.get('fast_compile', False))
-  log = MetricLogger(workdir)
+  log, meta = MetricLogger(workdir), _meta(config, task)
   start = int(state.step)
   end = max_steps if stop_step is None else min(stop_step, max_steps)
-  history, t0 = [], time.time()
+  history, timed, t0 = [], 0, time.time()
   bar = tqdm.tqdm(total=max_steps, initial=start, desc=task.name, disable=jax.process_index() != 0)
   for step in range(start, end):
     local = next(data_iter)
     state, metrics = step_fn(state, shard_batch(local, mesh), rng)
     history.append(metrics)
-    done = step + 1
+    if step == start:   # compile + first step: keep it out of the throughput
+      jax.block_until_ready(metrics)
+      logging.info('%s: first step (compile included) took %.1f s', task.name, time.time() - t0)
+      t0 = time.time()
+    else:
+      timed += 1
     bar.update(1)
+    done = step + 1
     if done % hp.log_every == 0 or done == end:
       scalars = mean_metrics(history)
-      scalars.update(lr=float(schedule(step)), img_per_s=len(history) * hp.batch_size / (time.time() - t0))
+      scalars.update(lr=float(schedule(step)), img_per_s=timed * hp.batch_size / (time.time() - t0))
       log.scalars(done, scalars)
       bar.set_postfix({k: f'{v:.4g}' for k, v in scalars.items()})
       if task.image_summaries is not None and hp.get('image_summaries', False) and log.active:
         log.images(done, task.image_summaries(local_copy(state.variables), local))
-      history, t0 = [], time.time()
+      history, timed, t0 = [], 0, time.time()
     if done % hp.ckpt_every == 0 or done == end:
       save_checkpoint(mngr, done, state, rng, data_iter, meta)
   bar.close()

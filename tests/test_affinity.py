@@ -1,17 +1,23 @@
 """AffinityNet labels, loss and training task (SEAM_SPEC section 6)."""
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
 
+from configs import demo
 from seam_jax import affinity_labels as al
+from seam_jax import affinity_task as at
+from seam_jax import models, voc
 from seam_jax.models.affinity import effective_radius, pair_affinity, search_offsets
 from tests import torch_reference
+from tests.test_random_walk import random_variables
 
 
 # ------------------------------------------------------------------------------------------- hand-computed cases
@@ -160,13 +166,10 @@ def test_loss_is_jittable_and_differentiable_through_pair_affinity():
 # ------------------------------------------------------------------------------------------ training data + task
 def write_demo_record(root, image_id, h, w, classes, rng):
   """A position-coded image (R = column, G = row, B = 200) and la/ha CRF dicts with random blocky scores."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from seam_jax import voc  # pylint: disable=g-import-not-at-top
   rows, cols = np.mgrid[:h, :w]
   img = np.stack([cols, rows, np.full_like(rows, 200)], -1).astype(np.uint8)
   os.makedirs(root / 'VOC2012' / 'JPEGImages', exist_ok=True)
-  Image.fromarray(img).save(root / 'VOC2012' / 'JPEGImages' / f'{image_id}.png', format='PNG')
-  os.replace(root / 'VOC2012' / 'JPEGImages' / f'{image_id}.png', root / 'VOC2012' / 'JPEGImages' / f'{image_id}.jpg')
+  Image.fromarray(img).save(root / 'VOC2012' / 'JPEGImages' / f'{image_id}.jpg', format='PNG')  # lossless code
   for name, power in (('crf_4.0', 4), ('crf_24.0', 24)):
     fg = {c: np.kron(rng.random((h // 4 + 1, w // 4 + 1)) * (rng.random((h // 4 + 1, w // 4 + 1)) < .5),
                      np.ones((4, 4)))[:h, :w].astype(np.float32) for c in classes}
@@ -176,8 +179,6 @@ def write_demo_record(root, image_id, h, w, classes, rng):
 
 @pytest.fixture(scope='module')
 def aff_config(tmp_path_factory):
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  from seam_jax import voc  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('aff')
   rng = np.random.default_rng(0)
   sizes = {'x1': (40, 52), 'x2': (60, 30), 'x3': (56, 56), 'x4': (33, 47)}
@@ -198,7 +199,6 @@ def aff_config(tmp_path_factory):
 def decode_and_expect(out, record, normalize_before_crop, radius):
   """From the position-coded output image find where every container pixel came from, rebuild the expected
   cropped+flipped la/ha scores by indexing, and their labels."""
-  from seam_jax import voc  # pylint: disable=g-import-not-at-top
   img = out['image']
   if normalize_before_crop:
     pad = np.all(img == 0, -1)
@@ -219,7 +219,6 @@ def affinity_labels_of(scores, k, radius):
 
 @pytest.mark.parametrize('normalize_before_crop', [False, True])
 def test_transform_crops_and_flips_image_and_scores_jointly(aff_config, normalize_before_crop):
-  from seam_jax import affinity_task as at  # pylint: disable=g-import-not-at-top
   cfg = aff_config.copy_and_resolve_references()
   cfg.aff.normalize_before_crop = normalize_before_crop
   cfg.data.jitter = (0., 0., 0., 0.)                                # keep the position code intact
@@ -241,7 +240,6 @@ def test_transform_crops_and_flips_image_and_scores_jointly(aff_config, normaliz
 
 
 def test_transform_jitters_colours(aff_config):
-  from seam_jax import affinity_task as at  # pylint: disable=g-import-not-at-top
   source = at.AffinitySource(aff_config.data.voc_root, ['x3'], *at.score_dirs(aff_config))
   plain = at.AffinityTransform(48, (0., 0., 0., 0.), 5)(source[0], np.random.default_rng(1))
   jittered = at.AffinityTransform(48, (.3, .3, .3, .1), 5)(source[0], np.random.default_rng(1))
@@ -249,9 +247,6 @@ def test_transform_jitters_colours(aff_config):
 
 
 def test_missing_or_mismatched_crf_files_are_data_errors(aff_config, tmp_path):
-  import shutil  # pylint: disable=g-import-not-at-top
-  from seam_jax import affinity_task as at  # pylint: disable=g-import-not-at-top
-  from seam_jax import voc  # pylint: disable=g-import-not-at-top
   la_dir, ha_dir = at.score_dirs(aff_config)
   other = tmp_path / 'ha'
   shutil.copytree(ha_dir, other)
@@ -268,8 +263,6 @@ def test_missing_or_mismatched_crf_files_are_data_errors(aff_config, tmp_path):
 
 
 def test_loader_and_loss_fn(aff_config):
-  from seam_jax import affinity_task as at, models  # pylint: disable=g-import-not-at-top
-  from tests.test_random_walk import random_variables  # pylint: disable=g-import-not-at-top
   task = at.affinity_task(aff_config)
   assert (task.name, task.model_kind, task.hparams) == ('affinity', 'affinity', aff_config.aff)
   loader, n = task.make_loader(0)
