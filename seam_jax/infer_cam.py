@@ -73,6 +73,8 @@ def _mask_spatial_conv_inputs(valid, full_hw):
 class PaddedSEAM(nn.Module):
   """SEAM's eval forward on zero-padded views, exact on each view's valid region (same parameter tree as SEAM).
 
+  It re-states SEAM's head (reusing its layers and functions) because the masks must reach inside it and the
+  stride-8 cam_rv is wanted before SEAM's upsampling; tests compare it with `SEAM` on unpadded views.
   x (B, Hp, Wp, 3) normalised padded views, valid (B, 2) unpadded (H, W), xs (B, Hp/8, Wp/8, 3) each view resized
   to its stride-8 size (align_corners=True), zero-padded. Returns cam_rv channels 1..20 at stride 8,
   (B, Hp/8, Wp/8, 20) float32, meaningful on [:ceil(H/8), :ceil(W/8)].
@@ -97,8 +99,8 @@ class PaddedSEAM(nn.Module):
 
 
 class CamEngine:
-  """PaddedSEAM jitted over a 1-D device mesh (batch sharded, weights replicated); one compilation per padded
-  view shape. `traces` counts compilations."""
+  """PaddedSEAM jitted over a 1-D device mesh (batch sharded, weights replicated), with an explicit cache of
+  compiled executables: one compilation per padded view shape, counted in `compilations`."""
 
   def __init__(self, variables, model_config, batch_size, mesh=None):
     self.mesh = mesh or jax.make_mesh((jax.device_count(),), ('data',))
@@ -106,18 +108,30 @@ class CamEngine:
     self.batch_size = -(-int(batch_size) // n) * n
     model = PaddedSEAM(model_config.width_div, jnp.dtype(model_config.dtype))
     repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    data = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec('data'))
+    self._data = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec('data'))
     self.variables = jax.device_put({k: variables[k] for k in ('params', 'batch_stats')}, repl)
-    self.traces = 0
+    self._forward = jax.jit(model.apply, in_shardings=(repl, self._data, self._data, self._data),
+                            out_shardings=self._data)
+    self._compiled = {}
 
-    def forward(variables, x, valid, xs):
-      self.traces += 1  # Python side effect: runs once per trace
-      return model.apply(variables, x, valid, xs)
-    self._forward = jax.jit(forward, in_shardings=(repl, data, data, data), out_shardings=data)
+  @property
+  def compilations(self):
+    return len(self._compiled)
+
+  def compile(self, shape):
+    """The executable for padded views of `shape` (H, W), compiled on first use."""
+    shape = tuple(int(v) for v in shape)
+    if shape not in self._compiled:
+      b, lh, lw = self.batch_size, low_res(shape[0]), low_res(shape[1])
+      spec = lambda s, t: jax.ShapeDtypeStruct(s, t, sharding=self._data)
+      self._compiled[shape] = self._forward.lower(
+          self.variables, spec((b,) + shape + (3,), jnp.float32), spec((b, 2), jnp.int32),
+          spec((b, lh, lw, 3), jnp.float32)).compile()
+    return self._compiled[shape]
 
   def __call__(self, x, valid, xs):
     """Dispatch one batch (numpy, leading dim = batch_size); returns a device array without waiting."""
-    return self._forward(self.variables, x, valid, xs)
+    return self.compile(x.shape[1:3])(self.variables, x, valid, xs)
 
 
 @dataclasses.dataclass
@@ -345,7 +359,7 @@ def run_inference(config, engine=None):
       saving.popleft().result()
       bar.update(1)
   dt = time.time() - t0
-  stats.update(seconds=dt, img_per_s=len(todo) / dt, compilations=engine.traces)
+  stats.update(seconds=dt, img_per_s=len(todo) / dt, compilations=engine.compilations)
   logging.info('infer: %d images in %.1f s (%.2f img/s, %d compilations); %d skipped; CAMs in %s',
-               len(todo), dt, len(todo) / dt, engine.traces, stats['skipped'], ic.cam_dir)
+               len(todo), dt, len(todo) / dt, engine.compilations, stats['skipped'], ic.cam_dir)
   return stats

@@ -88,13 +88,24 @@ def make_config(tmp, ids, labels):
 
 @pytest.fixture(scope='module')
 def run(net, tmp_path_factory):
-  """One inference over the three images with a fresh engine: (config, engine, stats)."""
+  """One inference over the three images with a fresh engine: (config, engine, stats, XLA compilations seen)."""
   mc, _, variables = net
   tmp = str(tmp_path_factory.mktemp('infer'))
   labels = write_voc(os.path.join(tmp, 'VOC2012'))
   config = make_config(tmp, list(IMAGES), labels)
-  engine = infer_cam.CamEngine(variables, mc, config.infer.batch_size)
-  return config, engine, infer_cam.run_inference(config, engine)
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    engine = infer_cam.CamEngine(variables, mc, config.infer.batch_size)
+    stats = infer_cam.run_inference(config, engine)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return config, engine, stats, len(compiles)
 
 
 def reference_cams(model, variables, img, label):
@@ -125,7 +136,7 @@ def test_upsample_matrix_matches_torch():
 
 def test_inference_matches_unbatched_reference(net, run):
   _, model, variables = net
-  config, _, stats = run
+  config, _, stats, _ = run
   labels = voc.load_cls_labels(config.data.cls_labels)
   assert stats['images'] == 3 and stats['skipped'] == 0
   for i, (h, w, cls) in IMAGES.items():
@@ -147,24 +158,24 @@ def test_inference_matches_unbatched_reference(net, run):
 
 
 def test_compilations_bounded_by_padded_shapes(run):
-  _, engine, stats = run
+  _, engine, stats, xla_compiles = run
   view_shapes = {input_pipeline.view_size((h, w), s) for h, w, _ in IMAGES.values() for s in SCALES}
   padded = {tuple(-(-n // BUCKET) * BUCKET for n in vs) for vs in view_shapes}
   assert len(view_shapes) == 6 and len(padded) == 4
-  assert stats['compilations'] == engine.traces == 4
+  assert stats['compilations'] == engine.compilations == xla_compiles == 4
 
 
 def test_partial_batches_and_resume(run):
-  config, engine, _ = run
+  config, engine, _, _ = run
   cam_dir = config.infer.cam_dir
   before = {i: voc.load_npy_dict(os.path.join(cam_dir, i + '.npy')) for i in IMAGES}
-  traces = engine.traces
+  compiled = engine.compilations
   config.infer.force, config.infer.max_pending = True, 1  # every image flushed on its own, half-empty batches
   try:
     stats = infer_cam.run_inference(config, engine)
   finally:
     config.infer.force, config.infer.max_pending = False, 16
-  assert stats['images'] == 3 and engine.traces == traces
+  assert stats['images'] == 3 and engine.compilations == compiled
   for i in IMAGES:
     after = voc.load_npy_dict(os.path.join(cam_dir, i + '.npy'))
     for c in before[i]:
@@ -232,7 +243,7 @@ def test_padding_is_exact_on_its_own(net, run):
 
 
 def test_bad_input_names_the_file(net, run, tmp_path):
-  config, engine, _ = run
+  config, engine, _, _ = run
   bad = os.path.join(config.data.voc_root, 'JPEGImages', '2007_00000Z.jpg')
   with open(bad, 'wb') as f:
     f.write(b'not a jpeg')
@@ -247,7 +258,7 @@ def test_bad_input_names_the_file(net, run, tmp_path):
 
 
 def test_entry_point_reports_a_missing_checkpoint(run, tmp_path):
-  config, _, _ = run
+  config, _, _, _ = run
   args = [f'--config.{k}={v}' for k, v in (('data.voc_root', config.data.voc_root),
                                            ('data.list_dir', config.data.list_dir),
                                            ('data.cls_labels', config.data.cls_labels),
