@@ -27,6 +27,7 @@ def get_config():
   c.data.num_workers = 0
 
   c.model.width_div = 8
+  c.model.calibrate_bn = True       # no ImageNet weights here: frozen BN needs data statistics to train at all
 
   c.train.batch_size = 8
   c.train.epochs = 6

@@ -31,6 +31,7 @@ def get_config():
   c.model.width_div = 1             # divide every channel count (tests use narrow nets of the same code)
   c.model.dtype = 'float32'         # compute dtype: 'float32' or 'bfloat16' (params stay float32)
   c.model.init_weights = ''         # ImageNet ResNet38: MXNet .params, converted .npz/.pth, or '' (random)
+  c.model.calibrate_bn = False      # without init_weights: set the frozen BN statistics from one data batch
 
   # SEAM training (section 3).
   c.train = ml_collections.ConfigDict()

@@ -93,6 +93,11 @@ def init_variables(config, task, rng):
   if path:
     from seam_jax import convert  # pylint: disable=g-import-not-at-top  (lazy: only when weights are given)
     variables = convert.imagenet_init(variables, path, task.model_kind, config.model)
+  elif config.model.get('calibrate_bn', False):
+    loader, _ = task.make_loader(config.seed)
+    images = next(iter(loader))['image']
+    variables = models.calibrate_batchnorm(models.build(task.model_kind, config.model), variables, images)
+    logging.info('%s: no initial weights; BatchNorm statistics calibrated on %d images', task.name, len(images))
   return variables
 
 

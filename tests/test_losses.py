@@ -202,3 +202,20 @@ def test_seam_loss_and_param_gradients_vs_torch_reference_net():
     scale = max(float(np.abs(gt).max()), 1e-8)
     np.testing.assert_allclose(np.asarray(gj), gt, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
   assert sum(float(np.abs(x).sum()) for x in jax.tree_util.tree_leaves(t_grads)) > 0
+
+
+def test_pcm_gradient_with_all_zero_feature_vectors_matches_torch():
+  """Pixels whose PCM features are exactly 0 (zero padding of a crop, all-dead relu): torch's norm has gradient
+  0 there; a NaN here would poison the f8/f9 weights."""
+  from seam_jax.models import seam   # pylint: disable=g-import-not-at-top
+  from tests import torch_reference   # pylint: disable=g-import-not-at-top
+  g = torch.Generator().manual_seed(7)
+  f = torch.randn((2, 6, 5, 5), generator=g)
+  f[:, :, :2] = 0.
+  f.requires_grad_(True)
+  cdn = torch.rand((2, 21, 5, 5), generator=g)
+  w = torch.randn((2, 21, 5, 5), generator=g)
+  (torch_reference.pcm(cdn, f) * w).sum().backward()
+  grad = jax.grad(lambda x: jnp.sum(seam.pcm(nhwc(cdn), x) * nhwc(w)))(nhwc(f.detach()))
+  assert np.all(np.isfinite(np.asarray(grad)))
+  close(grad, nhwc(f.grad), 1e-4)

@@ -1,5 +1,6 @@
 """Model registry and the parameter masks the optimizer needs (trainable / new layer / bias)."""
 import flax
+import jax
 import jax.numpy as jnp
 
 from seam_jax.models.affinity import AffinityNet
@@ -40,3 +41,31 @@ def param_groups(params):
       return 'frozen'
     return (2 if k[0] != 'backbone' else 0) + (1 if k[-1] == 'bias' else 0)
   return _label_params(params, group)
+
+
+def calibrate_batchnorm(model, variables, images):
+  """Data-dependent BatchNorm statistics for a start from scratch (no ImageNet weights).
+
+  The original always starts from ImageNet weights and keeps every BN frozen, so a random init would leave
+  mean 0 / var 1 statistics forever and activations badly scaled through 38 layers. One forward pass on `images`
+  in which every BN normalises with its batch statistics gives, layer by layer, exactly the statistics a sequential
+  calibration would; they become the running statistics. Opt-in (config.model.calibrate_bn), demo use.
+  """
+  stats = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if not isinstance(mod, flax.linen.BatchNorm) or context.method_name != '__call__':
+      return next_fun(*args, **kwargs)
+    x = args[0].astype(jnp.float32)
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    stats[tuple(mod.scope.path)] = (mean, var)
+    y = (x - mean) * jax.lax.rsqrt(var + mod.epsilon) * mod.get_variable('params', 'scale')
+    return (y + mod.get_variable('params', 'bias')).astype(args[0].dtype)
+
+  with flax.linen.intercept_methods(interceptor):
+    model.apply(variables, jnp.asarray(images))
+  bs = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables['batch_stats']))
+  for path, (mean, var) in stats.items():
+    bs[path + ('mean',)], bs[path + ('var',)] = mean, var
+  return {**variables, 'batch_stats': flax.traverse_util.unflatten_dict(bs)}

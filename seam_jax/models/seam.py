@@ -31,12 +31,20 @@ def normalized_fg_cam(cam, eps=1e-5):
   return jnp.concatenate([1. - fg_max, fg], axis=-1)
 
 
+def l2_norm(x, axis=-1):
+  """||x||_2 over `axis` (kept) whose gradient at x = 0 is 0 like torch.norm's, not NaN like jnp.linalg.norm's
+  (an all-zero feature vector occurs, e.g. in the zero padding of a training crop)."""
+  sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  nonzero = sq > 0
+  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.)), 0.)
+
+
 def pcm(cam, f, eps=1e-5):
   """Pixel correlation module: cam_rv[j] = sum_i cam[i] * aff[i, j] / (sum_i aff[i, j] + eps),
   aff = relu(g_i . g_j) with g the channel-L2-normalised features `f` (NHWC, float32)."""
   n, h, w, c = f.shape
   g = f.reshape(n, h * w, c).astype(jnp.float32)
-  g = g / (jnp.linalg.norm(g, axis=-1, keepdims=True) + eps)
+  g = g / (l2_norm(g) + eps)
   aff = jax.nn.relu(jnp.einsum('nic,njc->nij', g, g, precision=ops.HIGHEST))     # symmetric (n, hw, hw)
   colsum = jnp.sum(aff, axis=1)                                                   # (n, hw): sums over i
   cam = cam.reshape(n, h * w, -1).astype(jnp.float32)
