@@ -48,6 +48,7 @@ def random_batch(batch, crop, seed=0):
 def case_config(module, width_div, crop, batch):
   c = module.get_config()
   c.model.width_div, c.data.crop_size, c.train.batch_size = width_div, crop, batch
+  c.model.calibrate_bn = False   # random data, no loader: speed does not depend on the BN statistics
   return c
 
 
