@@ -173,7 +173,7 @@ def test_make_transform():
 def test_seam_loss_and_param_gradients_vs_torch_reference_net():
   """The key parity test: SEAM loss value and d loss / d params (every parameter, BN included) of the Flax net
   vs the PyTorch reference net with the same (converted) weights, eval mode, 64x64 inputs, 0.3 rescale."""
-  from seam_jax import convert, models, seam_task   # pylint: disable=g-import-not-at-top
+  from seam_jax import convert, models, seam_task, trainer   # pylint: disable=g-import-not-at-top
   from tests import torch_reference                   # pylint: disable=g-import-not-at-top
   net = torch_reference.randomize_(torch_reference.SEAMRef(width_div=16), seed=1).eval()
   cfg = convert.model_config(16)
@@ -195,7 +195,8 @@ def test_seam_loss_and_param_gradients_vs_torch_reference_net():
 
   def f(params):
     return loss_fn(model, {'params': params, 'batch_stats': variables['batch_stats']}, batch, jax.random.key(0), 0)
-  (loss, _), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(variables['params'])
+  (loss, _), grads = jax.jit(jax.value_and_grad(f, has_aux=True), compiler_options=trainer.compiler_options(True))(
+      variables['params'])
   close(loss, t_loss.item())
   flat = jax.tree_util.tree_leaves_with_path(grads)
   for (path, gj), gt in zip(flat, jax.tree_util.tree_leaves(t_grads)):
