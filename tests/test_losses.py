@@ -1,6 +1,5 @@
 """SEAM losses vs PyTorch implementations of the original formulas (NCHW, written here from SEAM_SPEC section 3),
 and the full SEAM loss value and parameter gradients vs the PyTorch reference net (tests/torch_reference.py)."""
-import os
 
 import jax
 import jax.numpy as jnp
