@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import sys
 import time
+from typing import NamedTuple, Tuple
 import xml.etree.ElementTree as ET
 
 from absl import app
@@ -26,12 +27,29 @@ from tqdm import tqdm
 
 from seam_jax import voc
 
-SCALE = (0.15, 0.5)                     # object diameter / shorter image side
 NUM_OBJECTS_P = (0.3, 0.3, 0.25, 0.15)  # P(1, 2, 3, 4 objects)
 MIN_VISIBLE_PX = 30                     # non-void pixels an object needs to be kept ...
 MIN_VISIBLE_FRAC = 0.2                  # ... and this fraction of its in-image area
 DIFFICULT_P = 0.1                       # extra objects marked <difficult> at random
 SPLITS = ('train', 'val', 'aug')        # aug: "SBD-only" ids, in SegmentationClassAug but in no VOC list
+ALL_CLASSES = tuple(range(1, voc.NUM_FG + 1))
+
+
+class Style(NamedTuple):
+  """How hard the set is. classes: the VOC class indices drawn; object_scale: (min, max) object diameter / shorter
+  image side; clutter: strength of the background colour noise, lines and class-less shapes (0 = smooth)."""
+  classes: Tuple[int, ...] = ALL_CLASSES
+  object_scale: Tuple[float, float] = (0.15, 0.5)
+  clutter: float = 1.0
+  plain: bool = False   # flat discs, one PLAIN_COLOURS entry per class (in `classes` order), 1-2 per image, on
+                        # grey pixel noise: a set a from-scratch ResNet38 learns in minutes on a CPU (the demo's)
+
+
+PLAIN_OBJECTS_P = (0.5, 0.5)
+# Corners of the RGB cube: each colour is one linear threshold away from the others. (Equal-value hues such as
+# chartreuse/cyan/violet are NOT learnt by a from-scratch ResNet38 in a few hundred steps: measured, loss stays at
+# the label prior.)
+PLAIN_COLOURS = ((220, 40, 40), (40, 200, 40), (40, 60, 230), (230, 210, 30), (210, 40, 210), (40, 200, 210))
 
 
 # Shapes: boolean functions of unit object coordinates (u, v), radius ~1.
@@ -138,10 +156,14 @@ def _frame(h, w, cx, cy, theta):
   return dx * c + dy * s, dy * c - dx * s
 
 
-def _sample_object(rng, cls, h, w):
+def _sample_object(rng, cls, h, w, style):
   """One object of class `cls` (1..20) at a random pose: (in-image boolean mask, full-frame RGB fill)."""
-  s = rng.uniform(*SCALE) * min(h, w) / 2
+  s = rng.uniform(*style.object_scale) * min(h, w) / 2
   cx, cy = rng.uniform(.15, .85) * w, rng.uniform(.15, .85) * h
+  if style.plain:
+    x, y = _frame(h, w, cx, cy, 0.)
+    colour = np.array(PLAIN_COLOURS[style.classes.index(cls)], np.float32)
+    return np.hypot(x, y) <= s, np.broadcast_to(colour, (h, w, 3))
   aspect = rng.uniform(.85, 1.15)
   x, y = _frame(h, w, cx, cy, rng.uniform(0, 2 * np.pi))
   mask = _SHAPES[cls - 1](x / s, y / (s * aspect))
@@ -153,14 +175,14 @@ def _sample_object(rng, cls, h, w):
   return mask, a * (1 - t) + b * t
 
 
-def _background(rng, h, w):
-  """Low-contrast clutter: smooth colour noise, random lines and irregular polygons of no class."""
+def _background(rng, h, w, clutter):
+  """Low-contrast clutter (x `clutter`): smooth colour noise, random lines and irregular polygons of no class."""
   base = _hsv(rng.random(), rng.uniform(0, .3), rng.uniform(.35, .8))
   low = rng.uniform(0, 255, (rng.integers(3, 7), rng.integers(3, 7), 3)).astype(np.uint8)
   low = np.asarray(Image.fromarray(low).resize((w, h), Image.BILINEAR), np.float32)
-  img = np.clip(base + .35 * (low - 128), 0, 255)
-  clutter = Image.fromarray(img.astype(np.uint8))
-  draw = ImageDraw.Draw(clutter)
+  img = np.clip(base + .35 * clutter * (low - 128), 0, 255)
+  shapes = Image.fromarray(img.astype(np.uint8))
+  draw = ImageDraw.Draw(shapes)
   for _ in range(rng.integers(2, 6)):
     draw.line([tuple(p) for p in rng.uniform(0, (w, h), (rng.integers(2, 4), 2))],
               fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=int(rng.integers(1, 4)))
@@ -171,7 +193,7 @@ def _background(rng, h, w):
     c = rng.uniform(0, (w, h))
     draw.polygon([tuple(p) for p in c + rad[:, None] * np.stack([np.cos(ang), np.sin(ang)], 1)],
                  fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-  return .65 * img + .35 * np.asarray(clutter, np.float32)
+  return (1 - .35 * clutter) * img + .35 * clutter * np.asarray(shapes, np.float32)
 
 
 def _boundary(inst):
@@ -200,19 +222,20 @@ def _resolve_occlusion(masks):
     keep = ok
 
 
-def render(seed, index, primary, image_size):
+def render(seed, index, primary, image_size, style=Style()):
   """Image `index` of the set: (RGB uint8 HxWx3, mask uint8 HxW, objects [(class, bbox, truncated, difficult)]).
 
-  `primary` (1..20) is drawn last, so always visible; 0-3 more objects of random classes go below it.
+  `primary` (1..20) is drawn last, so always visible; 0-3 more objects of random `style.classes` go below it.
   bbox = 1-based inclusive (xmin, ymin, xmax, ymax) of the visible pixels, as in VOC.
   """
   rng = np.random.default_rng([seed, index])
   h, w = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, 2))
-  img = _background(rng, h, w)
+  img = rng.normal(128, 20, (h, w, 3)) if style.plain else _background(rng, h, w, style.clutter)
   while True:
-    n = rng.choice(len(NUM_OBJECTS_P), p=NUM_OBJECTS_P) + 1
-    classes = [int(c) for c in rng.integers(1, voc.NUM_FG + 1, n - 1)] + [primary]
-    objs = [_sample_object(rng, c, h, w) for c in classes]
+    n_p = PLAIN_OBJECTS_P if style.plain else NUM_OBJECTS_P
+    n = rng.choice(len(n_p), p=n_p) + 1
+    drawn = [int(style.classes[k]) for k in rng.integers(0, len(style.classes), n - 1)] + [primary]
+    objs = [_sample_object(rng, c, h, w, style) for c in drawn]
     inst, band, keep = _resolve_occlusion([m for m, _ in objs])
     if keep and keep[-1] == n - 1:
       break
@@ -221,12 +244,12 @@ def render(seed, index, primary, image_size):
   for i in keep:
     vis = inst == i
     img[vis] = objs[i][1][vis]
-    lut[i + 1] = classes[i]
+    lut[i + 1] = drawn[i]
     ys, xs = np.nonzero(vis)
     bbox = (int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1)
     truncated = bbox[0] == 1 or bbox[1] == 1 or bbox[2] == w or bbox[3] == h
     difficult = bool(rng.random() < DIFFICULT_P or vis.sum() < .4 * objs[i][0].sum())
-    objects.append((classes[i], bbox, truncated, difficult))
+    objects.append((drawn[i], bbox, truncated, difficult))
   mask = lut[inst + 1]
   mask[band] = voc.IGNORE
   img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
@@ -255,10 +278,10 @@ def annotation_xml(image_id, size_hw, objects, segmented):
   return ET.tostring(root, encoding='unicode') + '\n'
 
 
-def _make_one(root, seed, image_size, item):
+def _make_one(root, seed, image_size, style, item):
   """Render and write every file of one id; returns its record for the summary."""
   index, image_id, split, primary = item
-  img, mask, objects = render(seed, index, primary, image_size)
+  img, mask, objects = render(seed, index, primary, image_size, style)
   voc._atomic(os.path.join(root, 'JPEGImages', image_id + '.jpg'),  # pylint: disable=protected-access
               lambda f: Image.fromarray(img).save(f, format='JPEG', quality=95))
   if split != 'aug':
@@ -270,8 +293,8 @@ def _make_one(root, seed, image_size, item):
           'objects': len(objects), 'difficult': sum(o[3] for o in objects)}
 
 
-def plan(seed, num_train, num_val, num_aug):
-  """[(index, id, split, primary class)] in index order; primary classes cycle through shuffled 1..20 per split."""
+def plan(seed, num_train, num_val, num_aug, classes=ALL_CLASSES):
+  """[(index, id, split, primary class)] in index order; primary classes cycle through shuffled `classes` per split."""
   n = num_train + num_val + num_aug
   ids = [f'{2007 + k % 6}_{k:06d}' for k in range(n)]
   rng = np.random.default_rng(seed)
@@ -280,17 +303,26 @@ def plan(seed, num_train, num_val, num_aug):
   primary = np.zeros(n, int)
   for s in range(3):
     members = sorted(np.flatnonzero(split_of == s), key=ids.__getitem__)
-    cycle = [c for _ in range(-(-len(members) // voc.NUM_FG)) for c in rng.permutation(voc.NUM_FG) + 1]
+    cycle = [c for _ in range(-(-len(members) // len(classes))) for c in rng.permutation(classes)]
     primary[members] = cycle[:len(members)]
   return [(k, ids[k], SPLITS[split_of[k]], int(primary[k])) for k in range(n)]
 
 
-def _check_args(num_train, num_val, num_aug, image_size):
+def _check_args(num_train, num_val, num_aug, image_size, style):
   for key, v, lo in (('num_train', num_train, 1), ('num_val', num_val, 1), ('num_aug', num_aug, 0)):
     if int(v) != v or v < lo:
       raise voc.DataError(f'demo data: {key} must be an integer >= {lo}, got {v!r}')
   if len(image_size) != 2 or not 32 <= image_size[0] <= image_size[1]:
     raise voc.DataError(f'demo data: image_size must be (min, max) with 32 <= min <= max, got {image_size!r}')
+  c = style.classes
+  if not c or len(set(c)) != len(c) or not set(c) <= set(ALL_CLASSES):
+    raise voc.DataError(f'demo data: classes must be distinct class indices in 1..{voc.NUM_FG}, got {c!r}')
+  if not 0 < style.object_scale[0] <= style.object_scale[1] <= 1:
+    raise voc.DataError(f'demo data: object_scale must be (min, max) with 0 < min <= max <= 1, got {style.object_scale!r}')
+  if style.plain and len(c) > len(PLAIN_COLOURS):
+    raise voc.DataError(f'demo data: a plain set has at most {len(PLAIN_COLOURS)} classes, got {len(c)}')
+  if not 0 <= style.clutter <= 1:
+    raise voc.DataError(f'demo data: clutter must be in [0, 1], got {style.clutter!r}')
 
 
 def _check_root(root, ids):
@@ -301,16 +333,18 @@ def _check_root(root, ids):
     raise voc.DataError(f'demo data: {jpg_dir} already holds other images (e.g. {stale[0]}); use an empty --root')
 
 
-def generate(root, num_train=160, num_val=40, num_aug=40, image_size=(96, 128), seed=0, workers=0):
+def generate(root, num_train=160, num_val=40, num_aug=40, image_size=(96, 128), seed=0, workers=0,
+             classes=ALL_CLASSES, object_scale=(0.15, 0.5), clutter=1.0, plain=False):
   """Write the demo set under `root` (VOC2012 layout) and return a summary (counts, per-split class histograms).
 
   Class histogram = number of images containing each class (from the masks, equal to the XML names).
   """
   image_size = tuple(int(v) for v in image_size)
-  _check_args(num_train, num_val, num_aug, image_size)
-  items = plan(seed, num_train, num_val, num_aug)
+  style = Style(tuple(int(c) for c in classes), tuple(float(v) for v in object_scale), float(clutter), bool(plain))
+  _check_args(num_train, num_val, num_aug, image_size, style)
+  items = plan(seed, num_train, num_val, num_aug, style.classes)
   _check_root(root, [it[1] for it in items])
-  make = functools.partial(_make_one, root, seed, image_size)
+  make = functools.partial(_make_one, root, seed, image_size, style)
   bar = functools.partial(tqdm, total=len(items), desc='demo data', leave=False)
   if workers > 0:
     ctx = multiprocessing.get_context('spawn')  # no fork of a parent that may hold JAX threads
@@ -339,7 +373,8 @@ def main(argv):
   f = flags.FLAGS
   t0 = time.time()
   try:
-    s = generate(f.root, f.num_train, f.num_val, f.num_aug, [int(v) for v in f.image_size], f.seed, f.workers)
+    s = generate(f.root, f.num_train, f.num_val, f.num_aug, [int(v) for v in f.image_size], f.seed, f.workers,
+                 [int(v) for v in f.classes])
   except voc.DataError as e:
     sys.exit(str(e))
   print(f"wrote {s['num_images']} images ({s['num_train']} train, {s['num_val']} val, {s['num_aug']} aug-only), "
@@ -354,6 +389,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('num_val', 40, 'ids in ImageSets/Segmentation/val.txt')
   flags.DEFINE_integer('num_aug', 40, 'extra "SBD-only" ids (SegmentationClassAug, no VOC list)')
   flags.DEFINE_list('image_size', ['96', '128'], 'min,max of each image side')
+  flags.DEFINE_list('classes', [str(c) for c in ALL_CLASSES], 'VOC class indices (1..20) the set draws from')
   flags.DEFINE_integer('workers', 0, 'process pool size (0: in-process); the output is the same')
   flags.mark_flag_as_required('root')
   app.run(main)

@@ -194,6 +194,7 @@ def make_demo(config, force=False, workers=0):
     return None
   g = config.demo
   summary = demo_data.generate(root, num_train=g.num_train, num_val=g.num_val, num_aug=g.num_aug,
-                               image_size=tuple(g.image_size), seed=g.seed, workers=workers)
+                               image_size=tuple(g.image_size), seed=g.seed, workers=workers,
+                               **{k: g[k] for k in ('classes', 'object_scale', 'clutter', 'plain') if k in g})
   logging.info('demo set: %d images under %s', summary['num_images'], root)
   return summary

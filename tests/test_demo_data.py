@@ -157,6 +157,44 @@ def test_classes_cover_all_balanced_and_summary_matches(tmp_path):
   assert min(sizes) < .3 and max(sizes) > .45 and overlaps > 0   # scale variation, occlusion
 
 
+def test_plain_style_subset_colours_and_counts(tmp_path):
+  """The demo config's set: only `classes`, flat PLAIN_COLOURS discs (by class position), 1-2 per image."""
+  root = str(tmp_path / 'VOC2012')
+  classes = (1, 6, 8, 15)
+  s = demo_data.generate(root, num_train=24, num_val=8, num_aug=4, image_size=(64, 80), seed=1, classes=classes,
+                         object_scale=(0.3, 0.5), plain=True)
+  assert {voc.CLASSES.index(k) for k, v in s['class_hist']['all'].items() if v} == set(classes)
+  for i in _all_ids(root):
+    img = np.asarray(Image.open(os.path.join(root, 'JPEGImages', i + '.jpg')), np.float32)
+    m = voc.load_mask(os.path.join(root, 'SegmentationClassAug', i + '.png'))
+    _, objs = _xml_objects(root, i)
+    assert 1 <= len(objs) <= 2 and {voc.CLASSES.index(n) for n, _, _ in objs} == set(np.unique(m).tolist()) - {0, 255}
+    for c in set(np.unique(m).tolist()) - {0, 255}:
+      want = demo_data.PLAIN_COLOURS[classes.index(c)]
+      assert np.abs(np.median(img[m == c], axis=0) - want).max() < 12   # flat colour (JPEG + pixel noise)
+    assert np.std(img[m == 0]) > 12                                        # grey noise background
+  assert demo_data.generate(str(tmp_path / 'again'), num_train=24, num_val=8, num_aug=4, image_size=(64, 80),
+                            seed=1, classes=classes, object_scale=(0.3, 0.5), plain=True) == dict(
+                                s, root=str(tmp_path / 'again'))
+
+
+def test_style_defaults_reproduce_the_hard_set(tmp_path):
+  """Explicit default style arguments == no style arguments, byte for byte."""
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  demo_data.generate(a, **SMALL)
+  demo_data.generate(b, **SMALL, classes=demo_data.ALL_CLASSES, object_scale=(0.15, 0.5), clutter=1.0, plain=False)
+  assert _files(a) == _files(b)
+
+
+@pytest.mark.parametrize('kw, match', [(dict(classes=(1, 1)), 'classes'), (dict(classes=(0, 3)), 'classes'),
+                                       (dict(classes=tuple(range(1, 8)), plain=True), 'plain'),
+                                       (dict(object_scale=(0.5, 0.2)), 'object_scale'),
+                                       (dict(clutter=2.0), 'clutter')])
+def test_bad_style(tmp_path, kw, match):
+  with pytest.raises(voc.DataError, match=match):
+    demo_data.generate(str(tmp_path / 'x'), **SMALL, **kw)
+
+
 def test_bad_arguments_and_foreign_root(small, tmp_path):
   root, _ = small
   with pytest.raises(voc.DataError, match='num_val'):
