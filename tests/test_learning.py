@@ -1,48 +1,20 @@
-"""End to end: SEAM trained from scratch with the real trainer learns, and its CAMs (seam_jax.infer_cam, scored by
-seam_jax.evaluation) beat the untrained network's.
+"""End to end on the demo data: SEAM trained from scratch with the real trainer (configs/demo.py, narrower and
+shorter) learns, and its CAMs (seam_jax.infer_cam, scored by seam_jax.evaluation) on demo VAL beat the untrained
+network's clearly.
 
-The generated demo set (seam_jax.demo_data: 20 textured classes over cluttered backgrounds) is too hard for a
-from-scratch ResNet38 in a test's budget: 1500 steps on it leave the classification loss at the label prior and the
-CAMs empty. So this test builds an easy VOC-layout set instead: four colour classes drawn as discs on grey noise.
+The demo set is the generator's plain style of configs/demo.py (4 classes as flat colour discs on grey noise); the
+hard style (20 textured classes over clutter) is not learnt from scratch in a test's budget (see seam_jax.demo_data).
 """
 import json
 import os
 
 import jax
 import numpy as np
-from PIL import Image
 
 from configs import demo
-from seam_jax import evaluation, infer_cam, seam_task, trainer, voc
+from seam_jax import evaluation, infer_cam, prepare, seam_task, trainer
 
-COLOURS = {1: (220, 40, 40), 2: (40, 200, 40), 3: (40, 60, 230), 4: (230, 210, 30)}   # class -> RGB
-SIZE = 96
-NUM_IMAGES = 64
-STEPS = 200
-
-
-def make_easy_set(root, n, seed=0):
-  """VOC layout under root: JPEGImages, SegmentationClass, lists/{train,train_aug}.txt, lists/cls_labels.npy."""
-  r = np.random.default_rng(seed)
-  for d in ('VOC2012/JPEGImages', 'VOC2012/SegmentationClass', 'lists'):
-    os.makedirs(os.path.join(root, d), exist_ok=True)
-  yy, xx = np.mgrid[:SIZE, :SIZE]
-  labels = {}
-  for k in range(n):
-    img = r.normal(128, 20, (SIZE, SIZE, 3)).clip(0, 255)
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    for c in r.choice(list(COLOURS), size=r.integers(1, 3), replace=False):
-      cy, cx = r.integers(20, SIZE - 20, 2)
-      disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r.integers(12, 22) ** 2
-      img[disc], mask[disc] = COLOURS[c], c
-    image_id = f'easy_{k:04d}'
-    Image.fromarray(img.astype(np.uint8)).save(f'{root}/VOC2012/JPEGImages/{image_id}.jpg', quality=95)
-    voc.save_label_png(f'{root}/VOC2012/SegmentationClass/{image_id}.png', mask)
-    labels[image_id] = np.isin(np.arange(1, 21), np.unique(mask)).astype(np.float32)
-  for name in ('train', 'train_aug'):
-    voc.write_list(f'{root}/lists/{name}.txt', sorted(labels))
-  np.save(f'{root}/lists/cls_labels.npy', labels)
-  return labels
+STEPS = 300
 
 
 def make_config(root):
@@ -50,17 +22,16 @@ def make_config(root):
   c.workdir = str(root / 'work')
   c.data.voc_root, c.data.list_dir = str(root / 'VOC2012'), str(root / 'lists')
   c.data.cls_labels = str(root / 'lists/cls_labels.npy')
-  c.data.crop_size, c.data.resize_long, c.data.jitter = SIZE, (SIZE, SIZE), (0., 0., 0., 0.)
-  c.model.width_div = 16
-  c.train.update(max_steps=STEPS, lr=0.05, fix_momentum=True, log_every=50, ckpt_every=10 * STEPS,
-                 image_summaries=False, fast_compile=True)
-  c.infer.update(list='train', scales=(1.0,), force=True)
-  c.eval.update(list='train', workers=1)
+  c.demo.update(num_train=96, num_val=32, num_aug=32)
+  c.model.width_div = 8
+  c.train.update(max_steps=STEPS, log_every=50, ckpt_every=10 * STEPS, image_summaries=False, fast_compile=True)
+  c.infer.update(list='val', scales=(1.0,), force=True)
+  c.eval.update(list='val', workers=1)
   return c
 
 
 def cam_miou(config, variables, name):
-  """mIoU over the classes present (best background threshold) of the CAMs of `variables` on the train list."""
+  """mIoU over the classes present (best background threshold) of the CAMs of `variables` on demo val."""
   with config.unlocked():
     config.infer.cam_dir = os.path.join(config.workdir, f'cam_{name}')
     config.eval.out_dir = os.path.join(config.workdir, f'eval_{name}')
@@ -68,25 +39,30 @@ def cam_miou(config, variables, name):
   return evaluation.evaluate(config)['miou_present']
 
 
-def label_prior_mlsm(labels):
+def label_prior_mlsm(label_path, list_path):
   """Multilabel soft margin of the best constant prediction (the class frequencies): the no-learning level."""
-  p = np.clip(np.mean(list(labels.values()), axis=0), 1e-6, 1 - 1e-6)
+  labels = np.load(label_path, allow_pickle=True).item()
+  ids = open(list_path).read().split()
+  p = np.clip(np.mean([labels[i] for i in ids], axis=0), 1e-6, 1 - 1e-6)
   return float(np.mean(-(p * np.log(p) + (1 - p) * np.log(1 - p))))
 
 
-def test_seam_learns_cams(tmp_path):
-  labels = make_easy_set(str(tmp_path), NUM_IMAGES)
+def test_seam_learns_cams_on_demo_data(tmp_path):
   config = make_config(tmp_path)
+  prepare.make_demo(config)
+  prepare.prepare(config.data)
   task = seam_task.seam_task(config)
   init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]   # the trainer's own initialisation
   untrained = trainer.init_variables(config, task, init_rng)
   trained = trainer.train(config, task)
 
   logs = [json.loads(l) for l in open(tmp_path / 'work/seam/metrics.jsonl')]
+  prior = label_prior_mlsm(config.data.cls_labels, tmp_path / 'lists/train_aug.txt')
+  print('mlsm per log step:', [round(l['mlsm'], 3) for l in logs], 'label prior', round(prior, 3))
   assert logs[-1]['step'] == STEPS
   assert logs[-1]['loss'] < 0.75 * logs[0]['loss']
-  assert logs[-1]['mlsm'] < label_prior_mlsm(labels)
+  assert logs[-1]['mlsm'] < 0.9 * prior
 
   before, after = cam_miou(config, untrained, 'untrained'), cam_miou(config, trained, 'trained')
-  print(f'CAM mIoU (present classes): untrained {before:.3f}, trained {after:.3f}')
-  assert after > before + 0.05
+  print(f'demo val CAM mIoU (present classes): untrained {before:.3f}, trained {after:.3f}')
+  assert after > before + 0.1
