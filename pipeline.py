@@ -3,7 +3,8 @@
   python pipeline.py --config=configs/demo.py                       # demo set generated first
   python pipeline.py --config=configs/voc12.py --stages=infer,eval_cam
 
-Stages: demo (demo configs only), prepare, train, infer (CAMs), crf, eval_cam, train_aff, rw, eval_rw. Each stage
+Stages: demo (demo configs only), prepare, train, infer (CAMs), crf, eval_cam, eval_crf (the la/ha CRF maps), train_aff,
+rw, eval_rw. Each stage
 resumes or skips work already done, so re-running after an interruption continues where it stopped.
 """
 import json
@@ -16,7 +17,7 @@ from seam_jax import cli
 cli.define_config()
 flags.DEFINE_list('stages', None, 'stages to run, in order (default: all; `demo` only for configs with demo fields)')
 FLAGS = flags.FLAGS
-STAGES = ('demo', 'prepare', 'train', 'infer', 'crf', 'eval_cam', 'train_aff', 'rw', 'eval_rw')
+STAGES = ('demo', 'prepare', 'train', 'infer', 'crf', 'eval_cam', 'eval_crf', 'train_aff', 'rw', 'eval_rw')
 
 
 def eval_config(config, pred_dir, pred_type, name):
@@ -26,6 +27,10 @@ def eval_config(config, pred_dir, pred_type, name):
     c.eval.list = config.rw.list if pred_type == 'png' else config.eval.list
     c.eval.out_dir = os.path.join(config.eval.out_dir, name)
   return c
+
+
+def brief(res):
+  return {k: res[k] for k in ('miou', 'miou_present', 'best_threshold') if k in res}
 
 
 def run_stage(stage, config):
@@ -56,8 +61,12 @@ def run_stage(stage, config):
     from seam_jax import evaluation
     c = (eval_config(config, config.infer.cam_dir, 'npy', 'cam') if stage == 'eval_cam' else
          eval_config(config, config.rw.out_dir, 'png', 'rw'))
-    res = evaluation.evaluate(c)
-    return {k: res[k] for k in ('miou', 'best_threshold') if k in res}
+    return brief(evaluation.evaluate(c))
+  if stage == 'eval_crf':
+    from seam_jax import crf, evaluation
+    return {f'alpha_{a}': brief(evaluation.evaluate(eval_config(config, crf.alpha_dir(config.infer.crf_dir, a), 'crf',
+                                                                f'crf_{a}')))
+            for a in config.infer.crf_alphas}
   if stage == 'rw':
     from seam_jax import random_walk
     return random_walk.run(config)

@@ -55,8 +55,9 @@ def get_config():
   c.aff.train_list = 'train'
   c.aff.crop_size = 96
   c.aff.radius = 5
-  c.aff.epochs = 4
+  c.aff.epochs = 15                 # 300 steps
   c.aff.lr = 0.05
+  c.aff.fix_momentum = True         # from scratch, as c.train
 
   c.rw.list = 'train'
   c.rw.out_dir = 'work_dirs/demo/rw'

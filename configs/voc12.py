@@ -80,7 +80,7 @@ def get_config():
   c.eval.list = 'train'
   c.eval.gt_dir = ''                # '' = <voc_root>/SegmentationClass
   c.eval.pred_dir = ''              # '' = infer.cam_dir
-  c.eval.pred_type = 'npy'          # 'npy' (CAM dicts + threshold curve) or 'png'
+  c.eval.pred_type = 'npy'          # 'npy' (CAM dicts + threshold curve), 'crf' (CRF score dicts) or 'png'
   c.eval.thresholds = (0.0, 0.6, 0.01)  # start, stop (exclusive), step -> 60 values
   c.eval.out_dir = 'work_dirs/voc12/eval'
   c.eval.workers = 0                # processes reading predictions; 0 = all cores, 1 = in-process

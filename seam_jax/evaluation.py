@@ -101,14 +101,29 @@ def scores(conf):
           'present': present, 'fp': (p - tp) / union, 'fn': (t - tp) / union}
 
 
+def score_dict_label(score_dict, hw, path='score dict'):
+  """Label map (uint8 HxW) of a dict {label 0..20: HxW score} (a CRF output: 0 = background): the key of the
+  highest score (first key in dict order at ties, np.argmax semantics)."""
+  keys = list(score_dict)
+  bad = [k for k in keys if not (isinstance(k, (int, np.integer)) and 0 <= k < NC)]
+  if not keys or bad:
+    raise voc.DataError(f'{path}: keys {keys!r} are not labels 0..{NC - 1}')
+  v = np.stack([np.asarray(score_dict[k], np.float32) for k in keys])
+  if v.shape[1:] != tuple(hw):
+    raise voc.DataError(f'{path}: scores have shape {v.shape[1:]}, ground truth is {tuple(hw)}')
+  return np.asarray(keys, np.uint8)[np.argmax(v, 0)]
+
+
 def _file_confusion(item, pred_type, ts):
-  """Confusion(s) of one id: (T, 21, 22) for npy CAM dicts, (1, 21, 22) for png labels."""
+  """Confusion(s) of one id: (T, 21, 22) for npy CAM dicts, (1, 21, 22) for crf score dicts and png labels."""
   pred_path, gt_path = item
   gt = voc.load_mask(gt_path)
-  if pred_type == 'npy':
+  if pred_type in ('npy', 'crf'):
     d = voc.load_npy_dict(pred_path)
     if not isinstance(d, dict):
-      raise voc.DataError(f'{pred_path} does not hold a dict class -> CAM')
+      raise voc.DataError(f'{pred_path} does not hold a dict class -> score map')
+    if pred_type == 'crf':
+      return confusion(gt, score_dict_label(d, gt.shape, pred_path))[None]
     return threshold_confusions(d, gt, ts, pred_path)
   if not os.path.isfile(pred_path):
     raise voc.DataError(f'prediction not found: {pred_path}')
@@ -139,16 +154,18 @@ def pool_imap(fn, items, workers=0, chunksize=1):
 
 
 def accumulate(pred_dir, gt_dir, ids, pred_type='npy', ts=(1.,), workers=0, chunk=8):
-  """Summed confusion matrices over `ids`: (len(ts), 21, 22) for 'npy', (1, 21, 22) for 'png'.
+  """Summed confusion matrices over `ids`: (len(ts), 21, 22) for 'npy' (CAM dicts at every threshold), (1, 21, 22)
+  for 'crf' (argmax of {0: bg, c + 1: fg} score dicts, as written by seam_jax.crf) and 'png' (label images).
 
   Files are read in a process pool (spawn: no fork of a parent holding JAX threads); workers 0 = all cores,
   1 = in-process. A missing prediction raises DataError naming the file before any work starts.
   """
-  if pred_type not in ('npy', 'png'):
-    raise ValueError(f'eval.pred_type must be npy or png, got {pred_type!r}')
+  if pred_type not in ('npy', 'crf', 'png'):
+    raise ValueError(f'eval.pred_type must be npy, crf or png, got {pred_type!r}')
   if not ids:
     raise voc.DataError('the evaluation list is empty')
-  items = [(os.path.join(pred_dir, f'{i}.{pred_type}'), os.path.join(gt_dir, f'{i}.png')) for i in ids]
+  ext = 'png' if pred_type == 'png' else 'npy'
+  items = [(os.path.join(pred_dir, f'{i}.{ext}'), os.path.join(gt_dir, f'{i}.png')) for i in ids]
   missing = [p for p, _ in items if not os.path.isfile(p)]
   if missing:
     raise voc.DataError(f'{len(missing)} predictions missing, e.g. {missing[0]}')

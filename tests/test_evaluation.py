@@ -181,3 +181,25 @@ def test_entry_point(tmp_path):
   voc.write_list(str(tmp_path / 'more.txt'), ids + ['ghost'])
   bad = run_entry(f'--config.eval.list={tmp_path}/more.txt', *common)
   assert bad.returncode != 0 and 'ghost.npy' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+def test_crf_score_dicts_argmax_over_labels(tmp_path):
+  """pred_type 'crf': the label of a {0: bg, c + 1: score} dict (seam_jax.crf output) is its highest-scoring key."""
+  gt = np.array([[0, 0, 3], [15, 15, 255]], np.uint8)
+  bg = np.array([[.9, .2, .1], [.1, .3, .5]], np.float32)
+  s3 = np.array([[.1, .5, .8], [.2, .2, .1]], np.float32)
+  s15 = np.array([[.0, .5, .1], [.7, .6, .4]], np.float32)   # tie at (0, 1) with 3: the earlier key wins
+  want = np.array([[0, 3, 3], [15, 15, 0]], np.uint8)
+  d = {0: bg, 3: s3, 15: s15}
+  np.testing.assert_array_equal(evaluation.score_dict_label(d, gt.shape), want)
+  pred, gtd = tmp_path / 'crf', tmp_path / 'gt'
+  pred.mkdir()
+  gtd.mkdir()
+  voc.save_npy_dict(str(pred / 'a.npy'), d)
+  voc.save_label_png(str(gtd / 'a.png'), gt)
+  res = evaluation.evaluate(make_config(tmp_path, ['a'], str(pred), str(gtd), 'crf'))
+  np.testing.assert_array_equal(res['confusion'], evaluation.confusion(gt, want))
+  with pytest.raises(voc.DataError, match='keys'):
+    evaluation.score_dict_label({21: bg}, gt.shape)
+  with pytest.raises(voc.DataError, match='shape'):
+    evaluation.score_dict_label({0: bg[:1]}, gt.shape)
