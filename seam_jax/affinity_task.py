@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import os
 
-from absl import logging
 import numpy as np
 
 from seam_jax import affinity_labels, crf, input_pipeline, trainer, transforms, voc
@@ -38,35 +37,23 @@ def load_scores(la_path, ha_path, hw):
   return la, ha
 
 
-class AffinitySource:
-  """Random-access source of {'id', 'image': uint8 HWC, 'la', 'ha': float32 (H, W, K)} (grain data source).
-
-  Bad or missing files raise DataError naming them; with on_error='skip' they are logged, counted and dropped."""
+class AffinitySource(input_pipeline.IdSource):
+  """{'id', 'image': uint8 HWC, 'la', 'ha': float32 (H, W, K)} records (IdSource error handling: bad or missing
+  files raise DataError naming them, or with on_error='skip' are logged, counted and dropped)."""
 
   def __init__(self, voc_root, ids, la_dir, ha_dir, on_error='raise'):
-    self.voc_root, self.ids, self.la_dir, self.ha_dir = voc_root, list(ids), la_dir, ha_dir
-    self.on_error = on_error
-    self.skipped = 0
+    super().__init__(ids, on_error)
+    self.voc_root, self.la_dir, self.ha_dir = voc_root, la_dir, ha_dir
 
-  def __len__(self):
-    return len(self.ids)
-
-  def __getitem__(self, index):
+  def load(self, index):
     image_id = self.ids[index]
-    try:
-      image = voc.load_image(input_pipeline.image_path(self.voc_root, image_id))
-      la, ha = load_scores(os.path.join(self.la_dir, image_id + '.npy'), os.path.join(self.ha_dir, image_id + '.npy'),
-                           image.shape[:2])
-    except voc.DataError as e:
-      if self.on_error == 'raise':
-        raise
-      self.skipped += 1
-      logging.warning('skipping record %d: %s (%d skipped so far in this process)', index, e, self.skipped)
-      return None
+    image = voc.load_image(input_pipeline.image_path(self.voc_root, image_id))
+    la, ha = load_scores(os.path.join(self.la_dir, image_id + '.npy'), os.path.join(self.ha_dir, image_id + '.npy'),
+                         image.shape[:2])
     return {'id': image_id, 'image': image, 'la': la, 'ha': ha}
 
   def __repr__(self):
-    digest = input_pipeline._ids_digest(self.ids)  # pylint: disable=protected-access
+    digest = input_pipeline.ids_digest(self.ids)
     return (f'AffinitySource(voc_root={self.voc_root!r}, la_dir={self.la_dir!r}, ha_dir={self.ha_dir!r}, '
             f'num_records={len(self.ids)}, ids_crc32={digest})')
 

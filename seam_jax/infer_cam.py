@@ -154,8 +154,8 @@ def padded(n, bucket):
 
 def resize_np(img, hw, align_corners):
   """Bilinear resize of an HWC array with the torch-exact matrices of seam_jax.ops (host side)."""
-  mh = ops._interp_matrix(img.shape[0], hw[0], align_corners)  # pylint: disable=protected-access
-  mw = ops._interp_matrix(img.shape[1], hw[1], align_corners)  # pylint: disable=protected-access
+  mh = ops.interp_matrix(img.shape[0], hw[0], align_corners)
+  mw = ops.interp_matrix(img.shape[1], hw[1], align_corners)
   return np.einsum('oh,pw,hwc->opc', mh, mw, img, optimize=True).astype(np.float32)
 
 
@@ -177,8 +177,8 @@ def prepare_views(img, scales, flip, bucket):
 def upsample_matrix(n_low, n_view, n_out, flip):
   """(n_out, n_low): the network's align_corners=True upsample to the view size followed by the inference
   align_corners=False resize to the image size (rows reversed for a mirrored view: un-flips the output)."""
-  m = (ops._interp_matrix(n_view, n_out, False).astype(np.float64)  # pylint: disable=protected-access
-       @ ops._interp_matrix(n_low, n_view, True))  # pylint: disable=protected-access
+  m = (ops.interp_matrix(n_view, n_out, False).astype(np.float64)
+       @ ops.interp_matrix(n_low, n_view, True))
   m = np.ascontiguousarray((m[::-1] if flip else m).astype(np.float32))
   m.setflags(write=False)
   return m

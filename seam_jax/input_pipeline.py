@@ -35,42 +35,55 @@ def _check_on_error(on_error):
     raise ValueError(f'on_error must be one of {ON_ERROR}, got {on_error!r}')
 
 
-def _ids_digest(ids):
+def ids_digest(ids):
   return f'{zlib.crc32(chr(10).join(ids).encode()):08x}'
 
 
-class VOCClsSource:
-  """Random-access source of {'id': str, 'image': uint8 HWC RGB, 'label': float32[20]} (grain data source).
+class IdSource:
+  """Base of the random-access sources over image ids (grain data sources): subclasses define load(index).
 
-  A missing or undecodable image raises DataError naming the file; with on_error='skip' it is logged and
-  counted (`self.skipped`, per process) and the record is None (make_loader uses the next readable one).
+  A missing or undecodable file raises DataError naming it; with on_error='skip' it is logged and counted
+  (`self.skipped`, per process) and the record is None (make_loader uses the next readable one).
   """
 
-  def __init__(self, voc_root, ids, labels, on_error='raise'):
+  def __init__(self, ids, on_error='raise'):
     _check_on_error(on_error)
-    self.voc_root = voc_root
     self.ids = list(ids)
-    self.labels = np.asarray(labels, np.float32).reshape(len(self.ids), voc.NUM_FG)
     self.on_error = on_error
     self.skipped = 0
 
   def __len__(self):
     return len(self.ids)
 
+  def load(self, index):
+    raise NotImplementedError
+
   def __getitem__(self, index):
-    image_id = self.ids[index]
     try:
-      image = voc.load_image(image_path(self.voc_root, image_id))
+      return self.load(index)
     except voc.DataError as e:
       if self.on_error == 'raise':
         raise
       self.skipped += 1
       logging.warning('skipping record %d: %s (%d skipped so far in this process)', index, e, self.skipped)
       return None
+
+
+class VOCClsSource(IdSource):
+  """{'id': str, 'image': uint8 HWC RGB, 'label': float32[20]} records (IdSource error handling)."""
+
+  def __init__(self, voc_root, ids, labels, on_error='raise'):
+    super().__init__(ids, on_error)
+    self.voc_root = voc_root
+    self.labels = np.asarray(labels, np.float32).reshape(len(self.ids), voc.NUM_FG)
+
+  def load(self, index):
+    image_id = self.ids[index]
+    image = voc.load_image(image_path(self.voc_root, image_id))
     return {'id': image_id, 'image': image, 'label': self.labels[index].copy()}
 
   def __repr__(self):  # grain compares it when restoring an iterator: the ids, not where the folder lies
-    return f'VOCClsSource(num_records={len(self.ids)}, ids_crc32={_ids_digest(self.ids)})'
+    return f'VOCClsSource(num_records={len(self.ids)}, ids_crc32={ids_digest(self.ids)})'
 
 
 class EpochOrder:

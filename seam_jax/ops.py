@@ -15,7 +15,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @functools.lru_cache(maxsize=None)
-def _interp_matrix(n_in, n_out, align_corners):
+def interp_matrix(n_in, n_out, align_corners):
   """(n_out, n_in) bilinear weights, PyTorch semantics for `align_corners` True/False (no antialias)."""
   m = np.zeros((n_out, n_in), np.float32)
   if align_corners:
@@ -35,8 +35,8 @@ def resize_bilinear(x, size, align_corners=True):
   h, w = size
   if (h, w) == tuple(x.shape[1:3]):
     return x
-  mh = jnp.asarray(_interp_matrix(x.shape[1], h, align_corners))
-  mw = jnp.asarray(_interp_matrix(x.shape[2], w, align_corners))
+  mh = jnp.asarray(interp_matrix(x.shape[1], h, align_corners))
+  mw = jnp.asarray(interp_matrix(x.shape[2], w, align_corners))
   y = jnp.einsum('oh,nhwc->nowc', mh, x.astype(jnp.float32), precision=HIGHEST)
   y = jnp.einsum('pw,nowc->nopc', mw, y, precision=HIGHEST)
   return y.astype(x.dtype)

@@ -133,7 +133,7 @@ def random_walk_numpy(aff, cams, radius, beta, logt, dense=False):
 
 def _taps(n_in, n_out):
   """The two source indices and weights per output index of ops.resize_bilinear (align_corners=False)."""
-  m = ops._interp_matrix(n_in, n_out, False)  # pylint: disable=protected-access
+  m = ops.interp_matrix(n_in, n_out, False)
   i0 = np.argmax(m > 0, axis=1)
   i1 = np.minimum(i0 + 1, n_in - 1)
   rows = np.arange(n_out)
