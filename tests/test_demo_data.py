@@ -214,3 +214,15 @@ def test_cli(tmp_path):
   assert 'wrote 6 images' in r.stdout and len(_all_ids(root)) == 6
   r = subprocess.run(cmd[:-4] + ['--num_val', '0'], cwd=REPO, capture_output=True, text=True, check=False)
   assert r.returncode != 0 and 'num_val' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_cli_plain_style(tmp_path):
+  root = str(tmp_path / 'plain')
+  cmd = [sys.executable, '-m', 'seam_jax.demo_data', '--root', root, '--num_train', '4', '--num_val', '2',
+         '--num_aug', '0', '--plain', '--classes', '2,7', '--object_scale', '0.3,0.4']
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+  assert r.returncode == 0, r.stderr
+  seen = set()
+  for i in _all_ids(root):
+    seen |= {n for n, _, _ in _xml_objects(root, i)[1]}
+  assert seen <= {voc.CLASSES[2], voc.CLASSES[7]} and seen

@@ -22,7 +22,8 @@ def make_config(root):
   c.workdir = str(root / 'work')
   c.data.voc_root, c.data.list_dir = str(root / 'VOC2012'), str(root / 'lists')
   c.data.cls_labels = str(root / 'lists/cls_labels.npy')
-  c.demo.update(num_train=96, num_val=32, num_aug=32)
+  c.demo.update(num_train=96, num_val=32, num_aug=32, image_size=(96, 128))
+  c.data.update(crop_size=96, resize_long=(96, 144))
   c.model.width_div = 8
   c.train.update(max_steps=STEPS, log_every=50, ckpt_every=10 * STEPS, image_summaries=False, fast_compile=True)
   c.infer.update(list='val', scales=(1.0,), force=True)

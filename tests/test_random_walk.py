@@ -209,7 +209,7 @@ def test_driver_matches_direct_computation_and_resumes(setup):
     radius = rwm.walk_radius(h, w, 5)
     aff = np.asarray(pair_affinity(apply(variables, x), radius))[0]
     cam = voc.load_npy_dict(os.path.join(cfg.infer.cam_dir, i + '.npy'))
-    ref = torch_original_walk(aff, cam, h, w, radius)
+    ref = torch_original_walk(aff, cam, h, w, radius, cfg.rw.alpha, cfg.rw.beta, cfg.rw.logt)
     out = read_png(os.path.join(cfg.rw.out_dir, i + '.png'))
     assert out.shape == (h, w)
     agree_except_near_ties(out, ref, 1e-4)
