@@ -3,9 +3,9 @@
   python pipeline.py --config=configs/demo.py                       # demo set generated first
   python pipeline.py --config=configs/voc12.py --stages=infer,eval_cam
 
-Stages: demo (demo configs only), prepare, train, infer (CAMs), crf, eval_cam, eval_crf (the la/ha CRF maps), train_aff,
-rw, eval_rw. Each stage
-resumes or skips work already done, so re-running after an interruption continues where it stopped.
+Stages: demo (demo configs only), prepare, train, infer (CAMs), crf, eval_cam, eval_crf (the la/ha CRF maps),
+train_aff, rw, eval_rw. Each stage resumes or skips work already done, so re-running after an interruption continues
+where it stopped.
 """
 import json
 import os

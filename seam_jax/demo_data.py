@@ -235,8 +235,8 @@ def render(seed, index, primary, image_size, style=Style()):
   rng = np.random.default_rng([seed, index])
   h, w = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, 2))
   img = rng.normal(128, 20, (h, w, 3)) if style.plain else _background(rng, h, w, style.clutter)
+  n_p = PLAIN_OBJECTS_P if style.plain else NUM_OBJECTS_P
   while True:
-    n_p = PLAIN_OBJECTS_P if style.plain else NUM_OBJECTS_P
     n = rng.choice(len(n_p), p=n_p) + 1
     drawn = [int(style.classes[k]) for k in rng.integers(0, len(style.classes), n - 1)] + [primary]
     objs = [_sample_object(rng, c, h, w, style) for c in drawn]
