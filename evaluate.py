@@ -5,8 +5,8 @@
 """
 from absl import flags
 
-from seam_jax import cli
-from seam_jax import evaluation
+from seam_jax.common import cli
+from seam_jax.infer import evaluation
 
 cli.define_config()
 

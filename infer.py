@@ -5,22 +5,16 @@
 """
 from absl import flags
 
-from seam_jax import cli
+from seam_jax import stages
+from seam_jax.common import cli
 
 cli.define_config()
 flags.DEFINE_multi_enum('steps', ['cam', 'crf'], ['cam', 'crf'], 'which parts to run, in order')
-FLAGS = flags.FLAGS
+STAGE_OF = {'cam': 'infer', 'crf': 'crf'}
 
 
 def main(argv):
-  del argv
-  config = FLAGS.config
-  if 'cam' in FLAGS.steps:
-    from seam_jax import infer_cam  # pylint: disable=g-import-not-at-top (no JAX for a CRF-only run)
-    infer_cam.run_inference(config)
-  if 'crf' in FLAGS.steps:
-    from seam_jax import crf  # pylint: disable=g-import-not-at-top
-    crf.run_crf(config)
+  stages.main(*[STAGE_OF[s] for s in flags.FLAGS.steps])(argv)
 
 
 if __name__ == '__main__':

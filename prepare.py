@@ -3,12 +3,10 @@
   python prepare.py --config=configs/voc12.py --config.data.voc_root=data/VOC2012 --config.data.sbd_root=data/SBD
   python prepare.py --config=configs/demo.py --demo
 """
-import os
-
 from absl import flags
 
-from seam_jax import cli
-from seam_jax import prepare
+from seam_jax import stages
+from seam_jax.common import cli
 
 cli.define_config()
 flags.DEFINE_bool('demo', False, 'first generate the demo set at config.data.voc_root from config.demo')
@@ -19,11 +17,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  config = FLAGS.config
-  workers = FLAGS.workers or os.cpu_count() or 1
-  if FLAGS.demo:
-    prepare.make_demo(config, force=FLAGS.force_demo, workers=workers)
-  prepare.prepare(config.data, workers=workers)
+  names = ['demo', 'prepare'] if FLAGS.demo else ['prepare']
+  stages.run_stages(FLAGS.config, names, force=FLAGS.force_demo, check=False,
+                    options={n: {'workers': FLAGS.workers} for n in names})
 
 
 if __name__ == '__main__':

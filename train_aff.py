@@ -4,20 +4,10 @@
 
 Checkpoints (automatic resume) and logs go to <workdir>/affinity, the final weights to <workdir>/affinity/export.
 """
-from absl import flags
-
-from seam_jax import cli
-from seam_jax import trainer
-from seam_jax.affinity_task import affinity_task
+from seam_jax import stages
+from seam_jax.common import cli
 
 cli.define_config()
 
-
-def main(argv):
-  del argv
-  config = flags.FLAGS.config
-  trainer.train(config, affinity_task(config))
-
-
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(stages.main('train_aff'))

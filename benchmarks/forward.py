@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from seam_jax import convert
 from seam_jax import models
-from tests import torch_reference
+from seam_jax.models import convert
+from torch_reference import models as torch_reference
 
 flags.DEFINE_integer('size', 448, 'input height and width')
 flags.DEFINE_integer('batch', 1, 'images per forward')

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo, voc12  # noqa: E402  pylint: disable=g-import-not-at-top
-from seam_jax import crf, infer_cam  # noqa: E402  pylint: disable=g-import-not-at-top
+from seam_jax.infer import crf, cam_inference  # noqa: E402  pylint: disable=g-import-not-at-top
 from seam_jax.models import build  # noqa: E402  pylint: disable=g-import-not-at-top
 
 flags.DEFINE_bool('full', False, 'also benchmark the full net (width_div 1) at the voc12 scales')
@@ -52,21 +52,21 @@ def bench_cam(config, hw, images, batch):
   """(compile seconds, img/s) of views -> engine -> merged CAM dicts for `images` images of size hw."""
   ic = config.infer
   model = build('seam', config.model)
-  engine = infer_cam.CamEngine(random_variables(model), config.model, batch or ic.batch_size)
+  engine = cam_inference.CamEngine(random_variables(model), config.model, batch or ic.batch_size)
   img = synthetic_image(hw)
   label = np.zeros(20, np.float32)
   label[[2, 14]] = 1
 
-  views = infer_cam.prepare_views(img, tuple(ic.scales), ic.flip, ic.bucket)
+  views = cam_inference.prepare_views(img, tuple(ic.scales), ic.flip, ic.bucket)
   t0 = time.perf_counter()
   for shape in sorted({v.x.shape[:2] for v in views}):
     engine.compile(shape)
   compile_s = time.perf_counter() - t0
 
   def run(n):
-    items = ((k, img, infer_cam.prepare_views(img, tuple(ic.scales), ic.flip, ic.bucket)) for k in range(n))
-    for _, im, outs in infer_cam.schedule(engine, items, ic.max_pending):
-      infer_cam.merge_views(outs, im.shape[:2], label)
+    items = ((k, img, cam_inference.prepare_views(img, tuple(ic.scales), ic.flip, ic.bucket)) for k in range(n))
+    for _, im, outs in cam_inference.schedule(engine, items, ic.max_pending):
+      cam_inference.merge_views(outs, im.shape[:2], label)
   run(1)                                      # warm-up
   t0 = time.perf_counter()
   run(images)

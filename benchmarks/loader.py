@@ -16,9 +16,9 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import voc12
-from seam_jax import demo_data
-from seam_jax import input_pipeline
-from seam_jax import prepare
+from seam_jax.data import demo_data
+from seam_jax.data import input_pipeline
+from seam_jax.data import prepare
 
 flags.DEFINE_integer('workers', 2, 'grain worker processes (config.data.num_workers)')
 flags.DEFINE_integer('batch_size', 8, 'global batch')
@@ -38,7 +38,7 @@ def run(root):
   if not prepare.demo_present(c.data.voc_root):
     demo_data.generate(c.data.voc_root, num_train=FLAGS.num_images, num_val=4, num_aug=0,
                        image_size=(375, 500), seed=0, workers=FLAGS.workers)
-  prepare.prepare(c.data, workers=FLAGS.workers)
+  prepare.prepare(c, workers=FLAGS.workers)
   loader, _ = input_pipeline.seam_train_loader(c)
   it = iter(loader)
   for _ in range(FLAGS.warmup):

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from seam_jax import random_walk as rwm  # pylint: disable=g-import-not-at-top,wrong-import-position
+from seam_jax.common import bucketing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from seam_jax.infer import random_walk as rwm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from seam_jax.models.affinity import pair_affinity  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_integer('repeats', 3, 'timed repetitions (best is reported)')
@@ -39,7 +40,7 @@ def best_of(fn, repeats):
 
 
 def walk_inputs(rng):
-  dh, dw = rwm.grid_size(H, W)
+  dh, dw = bucketing.grid_size(H, W)
   radius = rwm.walk_radius(H, W, 5)
   feats = jnp.asarray(rng.normal(size=(1, dh, dw, 448)).cumsum(1) * 0.05, jnp.float32)
   aff = np.asarray(pair_affinity(feats, radius))[0]
@@ -77,8 +78,9 @@ def time_walks(repeats):
 def time_train_step(repeats, width_div):
   """One optimizer step of the full AffinityNet on a 448 crop, batch 1 (random weights: init compiles slowly)."""
   from configs import voc12  # pylint: disable=g-import-not-at-top
-  from seam_jax import models, optim, trainer  # pylint: disable=g-import-not-at-top
-  from seam_jax.affinity_task import affinity_task  # pylint: disable=g-import-not-at-top
+  from seam_jax import models  # pylint: disable=g-import-not-at-top
+  from seam_jax.train import optim, trainer  # pylint: disable=g-import-not-at-top
+  from seam_jax.train.affinity_task import affinity_task  # pylint: disable=g-import-not-at-top
   config = voc12.get_config()
   config.model.width_div = width_div
   task = affinity_task(config)

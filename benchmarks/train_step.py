@@ -22,9 +22,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import demo, voc12
-from seam_jax import models, optim, seam_task, trainer
-from tests import torch_reference
-from tests.test_losses import t_seam_loss
+from seam_jax import models
+from seam_jax.common import sharding
+from seam_jax.train import optim, seam_task, trainer
+from torch_reference import models as torch_reference
+from torch_reference.losses import t_seam_loss
 
 CASES = {   # name: (config module, width_div, crop, batch)
     'full_b1': (voc12, 1, 448, 1),
@@ -65,10 +67,10 @@ def bench_jax(config, data, steps):
   model = models.build('seam', config.model)
   variables = trainer.init_variables(config, task, jax.random.PRNGKey(0))
   tx, _ = optim.make_optimizer(config.train, variables['params'], 10_000)
-  mesh = trainer.make_mesh()
-  holder = {'state': trainer.replicate(trainer.state_from_variables(variables, tx), mesh)}
-  batch = trainer.shard_batch(data, mesh)
-  rng = trainer.replicate(jax.random.PRNGKey(1), mesh)
+  mesh = sharding.make_mesh()
+  holder = {'state': sharding.replicate(trainer.state_from_variables(variables, tx), mesh)}
+  batch = sharding.shard_batch(data, mesh)
+  rng = sharding.replicate(jax.random.PRNGKey(1), mesh)
   t = time.perf_counter()
   compiled = trainer.jit_train_step(trainer.make_train_step(model, task, tx), mesh).lower(
       holder['state'], batch, rng).compile()

@@ -9,14 +9,16 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.workdir = 'work_dirs/voc12'  # all stage outputs go below this folder
+  # Every stage's outputs go below this folder (seam_jax.layout); the path fields below left '' derive from it,
+  # and setting one explicitly overrides just that path.
+  c.workdir = 'work_dirs/voc12'
 
   # Data (section 8). `voc_root` holds JPEGImages/, SegmentationClass(Aug)/, Annotations/, ImageSets/.
   c.data = ml_collections.ConfigDict()
   c.data.voc_root = 'data/VOC2012'
   c.data.sbd_root = ''              # optional SBD `dataset/` folder (cls/*.mat, train.txt, val.txt)
-  c.data.list_dir = 'work_dirs/voc12/lists'   # prepare writes train_aug.txt, train.txt, val.txt here
-  c.data.cls_labels = 'work_dirs/voc12/lists/cls_labels.npy'
+  c.data.list_dir = ''              # '' = <workdir>/lists: prepare writes train_aug.txt, train.txt, val.txt here
+  c.data.cls_labels = ''            # '' = <list_dir>/cls_labels.npy
   c.data.label_source = 'xml'       # 'xml' (original) or 'masks' (SegmentationClassAug)
   c.data.train_list = 'train_aug'   # name in list_dir, or a path to a list file
   c.data.crop_size = 448
@@ -45,7 +47,7 @@ def get_config():
   c.train.fixed_momentum = 0.9
   c.train.poly_power = 0.9
   c.train.scale_factor = 0.3        # the equivariant transform: rescale by this factor
-  c.train.transform = 'rescale'     # 'rescale', 'flip' or 'rot90' (general equivariance constraint)
+  c.train.equivariance = 'rescale'  # 'rescale', 'flip' or 'rot90' (general equivariance constraint)
   c.train.topk_ratio = 0.2          # ECR pixel selection
   c.train.log_every = 50
   c.train.ckpt_every = 500
@@ -65,11 +67,11 @@ def get_config():
   c.infer.batch_size = 8            # views per device step (global; rounded up to a multiple of the devices)
   c.infer.max_pending = 16          # images held while their views wait for a batch of the same padded shape
   c.infer.threads = 4               # host threads preparing views and merging/saving CAMs
-  c.infer.cam_dir = 'work_dirs/voc12/cam'
+  c.infer.cam_dir = ''              # '' = <workdir>/cam
   c.infer.label_dir = ''            # optional label PNGs (argmax with bg = bg_threshold)
   c.infer.overlay_dir = ''          # optional CAM overlays for looking at
   c.infer.bg_threshold = 0.26
-  c.infer.crf_dir = 'work_dirs/voc12/crf'   # outputs <crf_dir>_4.0 and <crf_dir>_24.0
+  c.infer.crf_dir = ''              # '' = <workdir>/crf; outputs <crf_dir>_4.0 and <crf_dir>_24.0
   c.infer.crf_alphas = (4.0, 24.0)
   c.infer.crf_iters = 10
   c.infer.crf_workers = 0           # 0 = all cores
@@ -82,7 +84,7 @@ def get_config():
   c.eval.pred_dir = ''              # '' = infer.cam_dir
   c.eval.pred_type = 'npy'          # 'npy' (CAM dicts + threshold curve), 'crf' (CRF score dicts) or 'png'
   c.eval.thresholds = (0.0, 0.6, 0.01)  # start, stop (exclusive), step -> 60 values
-  c.eval.out_dir = 'work_dirs/voc12/eval'
+  c.eval.out_dir = ''               # '' = <workdir>/eval
   c.eval.workers = 0                # processes reading predictions; 0 = all cores, 1 = in-process
 
   # AffinityNet training (section 6).
@@ -116,7 +118,7 @@ def get_config():
   c.rw.list = 'train'
   c.rw.checkpoint = ''              # '' = <workdir>/affinity/export
   c.rw.cam_dir = ''                 # '' = infer.cam_dir
-  c.rw.out_dir = 'work_dirs/voc12/rw'
+  c.rw.out_dir = ''                 # '' = <workdir>/rw
   c.rw.beta = 8
   c.rw.logt = 6
   c.rw.alpha = 6.0
@@ -127,4 +129,56 @@ def get_config():
   c.rw.workers = 0                  # host processes for backend numpy (0 = all cores, 1 = inline)
   c.rw.save_scores = False
   c.rw.force = False
+
+  # Segmentation retrain on the random-walk pseudo labels (../shared/RETRAIN_SPEC.md; the authors' SSC code).
+  c.seg = ml_collections.ConfigDict()
+  c.seg.train_list = 'train_aug'    # the original trains on train_aug: the random walk must cover it (rw.list)
+  c.seg.label_dir = ''              # '' = <workdir>/rw (the random-walk PNGs)
+  c.seg.init_weights = ''           # '' = model.init_weights (ImageNet .params); or an export folder / .pth
+  c.seg.init_from_seam = False      # with init_weights '': start from this run's SEAM export (its backbone)
+  c.seg.crop_size = 448
+  c.seg.scale_range = (0.5, 1.5)    # RandomScale, continuous
+  c.seg.hsv_deltas = (10, 10, 10)   # RandomHSV: integer deltas in [-d, d] for H (mod 180), S, V
+  c.seg.flip_prob = 0.5
+  c.seg.batch_size = 10             # global batch
+  c.seg.bn_mode = 'group'           # QUIRK Q1 'group': BN statistics per group of bn_group images (2 GPUs x 5);
+  c.seg.bn_group = 5                # 'sync': over the global batch; 'frozen': running statistics (as SEAM)
+  c.seg.max_steps = 20000
+  c.seg.epochs = 0                  # unused while max_steps > 0
+  c.seg.lr = 0.001
+  c.seg.weight_decay = 5e-4
+  c.seg.momentum = 0.9
+  c.seg.fix_momentum = False
+  c.seg.fixed_momentum = 0.9
+  c.seg.poly_power = 0.9
+  c.seg.poly_extra_steps = 1        # QUIRK Q5: lr = base * (1 - i / (max_steps + 1)) ** 0.9
+  c.seg.frozen_layers = ()          # QUIRK Q1: conv1a is trained (the backbone's not_training list never applies)
+  c.seg.log_every = 50
+  c.seg.ckpt_every = 1000
+  c.seg.keep_checkpoints = 2
+  c.seg.image_summaries = False
+  c.seg.fast_compile = False
+  # Test (section 4): 6 scales x flip, mean of the logits, softmax, 1-iteration CRF, argmax PNGs.
+  c.seg.test_list = 'val'
+  c.seg.checkpoint = ''             # '' = <workdir>/seg/export; or a .pth of the original (deeplabv1 ResNet38)
+  c.seg.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+  c.seg.flip = True
+  c.seg.crf = True
+  c.seg.crf_iters = 1               # QUIRK Q6: one mean-field iteration, bilateral sxy 32
+  c.seg.out_dir = ''                # '' = <workdir>/seg_pred
+  c.seg.predict_dir = ''            # '' = <workdir>/predict (predict.py)
+  c.seg.bucket = 64                 # pad view sizes up to multiples of this (exact: conv inputs are masked)
+  c.seg.test_batch_size = 8         # views per device step (rounded up to a multiple of the local devices)
+  c.seg.max_pending = 8             # images held while their views wait for a batch of the same padded shape
+  c.seg.threads = 2                 # host threads fusing the views, running the CRF and writing PNGs
+  c.seg.force = False               # recompute outputs that already exist
+
+  # SEAM against the plain-CAM baseline, and the pipeline's report (seam_jax.stages, seam_jax.report; issue 15).
+  c.train.method = 'seam'           # 'seam' (the paper's loss) or 'cam': the baseline, classification loss on the
+                                    # CAM branch alone (no ER, ECR, PCM terms)
+  c.infer.branch = ''               # CAMs from 'cam_rv' (the PCM output: SEAM) or 'cam' (the classifier branch);
+                                    # '' = per train.method ('cam_rv' for seam, 'cam' for cam)
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.compare_baseline = False  # also run train..eval_rw with train.method='cam' in <workdir>/baseline
+  c.pipeline.report_images = 6      # images shown as strips (image | truth | CAM | CRF | ...) in the report
   return c

@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from configs import demo
-from seam_jax import affinity_labels as al
-from seam_jax import affinity_task as at
-from seam_jax import models, voc
+from seam_jax.train import affinity_labels as al
+from seam_jax import layout
+from seam_jax.train import affinity_task as at
+from seam_jax import models
+from seam_jax.data import voc
 from seam_jax.models.affinity import effective_radius, pair_affinity, search_offsets
-from tests import torch_reference
+from torch_reference import models as torch_reference
 from tests.test_random_walk import random_variables
+from seam_jax.common import errors, files
 
 
 # ------------------------------------------------------------------------------------------- hand-computed cases
@@ -174,7 +177,7 @@ def write_demo_record(root, image_id, h, w, classes, rng):
     fg = {c: np.kron(rng.random((h // 4 + 1, w // 4 + 1)) * (rng.random((h // 4 + 1, w // 4 + 1)) < .5),
                      np.ones((4, 4)))[:h, :w].astype(np.float32) for c in classes}
     bg = (1 - np.max(list(fg.values()), 0)) ** power
-    voc.save_npy_dict(str(root / name / f'{image_id}.npy'), {0: bg, **{c + 1: v for c, v in fg.items()}})
+    files.save_npy_dict(str(root / name / f'{image_id}.npy'), {0: bg, **{c + 1: v for c, v in fg.items()}})
 
 
 @pytest.fixture(scope='module')
@@ -222,8 +225,8 @@ def test_transform_crops_and_flips_image_and_scores_jointly(aff_config, normaliz
   cfg = aff_config.copy_and_resolve_references()
   cfg.aff.normalize_before_crop = normalize_before_crop
   cfg.data.jitter = (0., 0., 0., 0.)                                # keep the position code intact
-  source = at.AffinitySource(cfg.data.voc_root, ['x1', 'x2', 'x3', 'x4'], *at.score_dirs(cfg))
-  transform = at.AffinityTransform.from_config(cfg)
+  source = at.AffinitySource(cfg.data.voc_root, ['x1', 'x2', 'x3', 'x4'], *layout.score_dirs(cfg))
+  transform = at.AffinityAugment.from_config(cfg)
   flips = set()
   for seed in range(6):
     for index in range(4):
@@ -240,23 +243,23 @@ def test_transform_crops_and_flips_image_and_scores_jointly(aff_config, normaliz
 
 
 def test_transform_jitters_colours(aff_config):
-  source = at.AffinitySource(aff_config.data.voc_root, ['x3'], *at.score_dirs(aff_config))
-  plain = at.AffinityTransform(48, (0., 0., 0., 0.), 5)(source[0], np.random.default_rng(1))
-  jittered = at.AffinityTransform(48, (.3, .3, .3, .1), 5)(source[0], np.random.default_rng(1))
+  source = at.AffinitySource(aff_config.data.voc_root, ['x3'], *layout.score_dirs(aff_config))
+  plain = at.AffinityAugment(48, (0., 0., 0., 0.), 5)(source[0], np.random.default_rng(1))
+  jittered = at.AffinityAugment(48, (.3, .3, .3, .1), 5)(source[0], np.random.default_rng(1))
   assert np.abs(plain['image'] - jittered['image']).mean() > 0.01
 
 
 def test_missing_or_mismatched_crf_files_are_data_errors(aff_config, tmp_path):
-  la_dir, ha_dir = at.score_dirs(aff_config)
+  la_dir, ha_dir = layout.score_dirs(aff_config)
   other = tmp_path / 'ha'
   shutil.copytree(ha_dir, other)
   os.remove(other / 'x2.npy')
-  d = voc.load_npy_dict(str(other / 'x1.npy'))
-  voc.save_npy_dict(str(other / 'x1.npy'), {0: d[0], 5: d[5]})
+  d = files.load_npy_dict(str(other / 'x1.npy'))
+  files.save_npy_dict(str(other / 'x1.npy'), {0: d[0], 5: d[5]})
   source = at.AffinitySource(aff_config.data.voc_root, ['x1', 'x2', 'x3'], la_dir, str(other))
-  with pytest.raises(voc.DataError, match='x2.npy'):
+  with pytest.raises(errors.DataError, match='x2.npy'):
     source[1]
-  with pytest.raises(voc.DataError, match='different classes'):
+  with pytest.raises(errors.DataError, match='different classes'):
     source[0]
   skipping = at.AffinitySource(aff_config.data.voc_root, ['x1', 'x2', 'x3'], la_dir, str(other), on_error='skip')
   assert skipping[1] is None and skipping[2]['la'].shape == (56, 56, 2) and skipping.skipped == 1

@@ -11,14 +11,15 @@ from configs import demo, voc12
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent('''
     from absl import flags
-    from seam_jax import cli
-    from seam_jax.voc import DataError
+    from seam_jax.common import cli
+    from seam_jax.common.errors import DataError
     cli.define_config()
     def main(argv):
       c = flags.FLAGS.config
       if c.train.batch_size == 3:
         raise DataError('image not found: /nowhere/x.jpg')
-      print('OK', c.train.batch_size, c.train.lr, c.data.voc_root, tuple(c.infer.scales))
+      from seam_jax import layout
+      print('OK', c.train.batch_size, c.train.lr, layout.voc_root(c), tuple(c.infer.scales))
     cli.run(main)
 ''')
 

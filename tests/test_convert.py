@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from seam_jax import checkpoints
-from seam_jax import convert
-from seam_jax.voc import DataError
-from tests import torch_reference as ref_lib
+from seam_jax.common.errors import DataError
+from seam_jax.models import convert
+from seam_jax.models import export
+from torch_reference import models as ref_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFS = {'seam': ref_lib.SEAMRef, 'affinity': ref_lib.AffinityRef}
@@ -102,14 +102,14 @@ def test_wrong_model_or_width_names_the_file(tmp_path):
   aff = str(tmp_path / 'aff_weights.pth')
   torch.save(make_ref('affinity').state_dict(), aff)
   with pytest.raises(DataError, match=r'aff_weights\.pth.*wrong model.*affinity'):
-    checkpoints.load_variables(aff, 'seam', CFG32)
+    convert.load_variables(aff, 'seam', CFG32)
   with pytest.raises(DataError, match=r'aff_weights\.pth.*width'):
-    checkpoints.load_variables(aff, 'affinity', convert.model_config(16))
+    convert.load_variables(aff, 'affinity', convert.model_config(16))
   npz = str(tmp_path / 'seam16.npz')
   convert.write_npz(npz, ref_lib.state_dict_numpy(make_ref('seam', 16)))
   with pytest.raises(DataError, match=r'seam16\.npz.*width'):
-    checkpoints.load_variables(npz, 'seam', CFG32)
-  assert_same_tree(checkpoints.load_variables(npz, 'seam', convert.model_config(16)),
+    convert.load_variables(npz, 'seam', CFG32)
+  assert_same_tree(convert.load_variables(npz, 'seam', convert.model_config(16)),
                    convert.state_dict_to_variables(ref_lib.state_dict_numpy(make_ref('seam', 16)), 'seam',
                                                    convert.model_config(16)))
 
@@ -117,10 +117,10 @@ def test_wrong_model_or_width_names_the_file(tmp_path):
 def test_export_folder_round_trip(tmp_path):
   variables = convert.state_dict_to_variables(ref_lib.state_dict_numpy(make_ref('seam')), 'seam', CFG32)
   path = str(tmp_path / 'export')
-  checkpoints.save_export(path, variables, 'seam', CFG32)
-  assert_same_tree(checkpoints.load_variables(path, 'seam', CFG32), variables)
+  export.save_export(path, variables, 'seam', CFG32)
+  assert_same_tree(convert.load_variables(path, 'seam', CFG32), variables)
   with pytest.raises(DataError, match='export'):
-    checkpoints.load_variables(path, 'affinity', CFG32)
+    convert.load_variables(path, 'affinity', CFG32)
 
 
 # ----------------------------------------------------------------------------- MXNet
@@ -251,14 +251,14 @@ def test_cli_round_trips(tmp_path):
 
 
 def test_cli_module_converts_mxnet_params(tmp_path):
-  params, export = str(tmp_path / 'in.params'), str(tmp_path / 'aff_export')
+  params, out_dir = str(tmp_path / 'in.params'), str(tmp_path / 'aff_export')
   backbone, _ = imagenet_file(params)
   env = {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': ''}
-  cmd = [sys.executable, '-m', 'seam_jax.convert', '--src', params, '--dst', export, '--kind', 'affinity',
+  cmd = [sys.executable, '-m', 'seam_jax.models.convert', '--src', params, '--dst', out_dir, '--kind', 'affinity',
          '--width_div', '32']
   run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert run.returncode == 0, run.stderr
-  variables = checkpoints.load_variables(export, 'affinity', CFG32)
+  variables = convert.load_variables(out_dir, 'affinity', CFG32)
   np.testing.assert_array_equal(variables['params']['backbone']['conv1a']['kernel'],
                                 backbone['conv1a.weight'].transpose(2, 3, 1, 0))
   missing = str(tmp_path / 'missing.params')

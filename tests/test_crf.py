@@ -7,7 +7,9 @@ import pytest
 import scipy.ndimage as ndi
 
 from configs import demo
-from seam_jax import crf, demo_data, evaluation, voc
+from seam_jax.common import errors, files
+from seam_jax.data import demo_data, voc
+from seam_jax.infer import crf, evaluation
 
 
 @pytest.fixture(scope='module')
@@ -23,7 +25,7 @@ def demo_set(tmp_path_factory):
     cams = {int(c) - 1: np.clip(ndi.gaussian_filter((gt == c).astype(np.float32), 5) * 1.5
                                 + rng.normal(0, 0.15, gt.shape), 0, 1).astype(np.float32)
             for c in np.unique(gt) if 0 < c < 255}
-    voc.save_npy_dict(os.path.join(cam_dir, i + '.npy'), cams)
+    files.save_npy_dict(os.path.join(cam_dir, i + '.npy'), cams)
   return root, ids, cam_dir
 
 
@@ -52,8 +54,7 @@ def test_cam_to_crf_background_and_keys():
   want = crf.crf_inference(img, np.stack([bg, cams[14], cams[2]]), labels=3)
   for k, w in zip(out, want):
     np.testing.assert_array_equal(out[k], w)
-  assert crf.alpha_dir('x/crf', 4) == 'x/crf_4.0' and crf.alpha_dir('x/crf', 24.0) == 'x/crf_24.0'
-  with pytest.raises(voc.DataError, match='does not match'):
+  with pytest.raises(errors.DataError, match='does not match'):
     crf.cam_to_crf(cams, img[:5], 4.0)
 
 
@@ -62,9 +63,9 @@ def test_crf_improves_a_noisy_cam(demo_set):
   before = np.zeros((21, 22), np.int64)
   after = before.copy()
   for i in ids:
-    img = voc.load_image(os.path.join(root, 'JPEGImages', i + '.jpg'))
+    img = files.load_image(os.path.join(root, 'JPEGImages', i + '.jpg'))
     gt = voc.load_mask(os.path.join(root, 'SegmentationClass', i + '.png'))
-    cams = voc.load_npy_dict(os.path.join(cam_dir, i + '.npy'))
+    cams = files.load_npy_dict(os.path.join(cam_dir, i + '.npy'))
     keys = np.array([0] + [c + 1 for c in cams])
     v = np.stack(list(cams.values()))
     before += evaluation.confusion(gt, keys[np.argmax(np.concatenate([(1 - v.max(0))[None] ** 4, v]), 0)])
@@ -89,13 +90,14 @@ def test_run_crf_pool_equals_serial_and_resumes(demo_set):
   c = crf_config(root, cam_dir, ids, os.path.join(base, 'pool'))
   c.infer.crf_workers = 2
   assert crf.run_crf(c) == 2 * len(ids)
-  serial = crf.crf_tasks(ids, root, cam_dir, os.path.join(base, 'serial'), (4.0, 24.0))
+  c_serial = crf_config(root, cam_dir, ids, os.path.join(base, 'serial'))
+  serial = crf.crf_tasks(c_serial, ids)
   assert crf.run_tasks(serial, (4.0, 24.0), workers=1) == 2 * len(ids)
   for a in ('4.0', '24.0'):
     for i in ids:
-      p, s = (voc.load_npy_dict(os.path.join(base, f'{k}_{a}', i + '.npy')) for k in ('pool', 'serial'))
+      p, s = (files.load_npy_dict(os.path.join(base, f'{k}_{a}', i + '.npy')) for k in ('pool', 'serial'))
       assert list(p) == list(s) and all(np.array_equal(p[k], s[k]) for k in p)
-  la, ha = (voc.load_npy_dict(os.path.join(base, f'pool_{a}', ids[0] + '.npy')) for a in ('4.0', '24.0'))
+  la, ha = (files.load_npy_dict(os.path.join(base, f'pool_{a}', ids[0] + '.npy')) for a in ('4.0', '24.0'))
   assert not np.allclose(la[0], ha[0])  # the two alphas give different background scores
   os.remove(os.path.join(base, 'pool_24.0', ids[1] + '.npy'))
   c.infer.crf_workers = 1
@@ -111,8 +113,8 @@ def test_missing_input_names_the_file(demo_set):
   base = os.path.dirname(cam_dir)
   c = crf_config(root, os.path.join(base, 'cam_empty'), ids[:1], os.path.join(base, 'miss'))
   c.infer.crf_workers = 1
-  with pytest.raises(voc.DataError, match=f'cam_empty/{ids[0]}.npy'):
+  with pytest.raises(errors.DataError, match=f'cam_empty/{ids[0]}.npy'):
     crf.run_crf(c)
   c = crf_config(root, cam_dir, ['2099_999999'], os.path.join(base, 'miss'))
-  with pytest.raises(voc.DataError, match='2099_999999.jpg'):
+  with pytest.raises(errors.DataError, match='2099_999999.jpg'):
     crf.run_crf(c)

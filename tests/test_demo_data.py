@@ -1,4 +1,4 @@
-"""Tests of the generated VOC-layout demo set (seam_jax.demo_data)."""
+"""Tests of the generated VOC-layout demo set (seam_jax.data.demo_data)."""
 import colorsys
 import os
 import subprocess
@@ -9,8 +9,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from seam_jax import demo_data
-from seam_jax import voc
+from seam_jax.common import errors, files
+from seam_jax.data import demo_data
+from seam_jax.data import voc
 
 SMALL = dict(num_train=12, num_val=6, num_aug=4, seed=0)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,7 @@ def test_layout_and_lists(small):
 
 def test_file_formats_and_void_band(small):
   root, _ = small
-  pal = voc.voc_palette().reshape(-1).tolist()
+  pal = files.voc_palette().reshape(-1).tolist()
   for i in _all_ids(root):
     with Image.open(os.path.join(root, 'JPEGImages', i + '.jpg')) as im:
       assert im.format == 'JPEG' and im.mode == 'RGB'
@@ -191,23 +192,23 @@ def test_style_defaults_reproduce_the_hard_set(tmp_path):
                                        (dict(object_scale=(0.5, 0.2)), 'object_scale'),
                                        (dict(clutter=2.0), 'clutter')])
 def test_bad_style(tmp_path, kw, match):
-  with pytest.raises(voc.DataError, match=match):
+  with pytest.raises(errors.DataError, match=match):
     demo_data.generate(str(tmp_path / 'x'), **SMALL, **kw)
 
 
 def test_bad_arguments_and_foreign_root(small, tmp_path):
   root, _ = small
-  with pytest.raises(voc.DataError, match='num_val'):
+  with pytest.raises(errors.DataError, match='num_val'):
     demo_data.generate(str(tmp_path / 'x'), num_val=0)
-  with pytest.raises(voc.DataError, match='image_size'):
+  with pytest.raises(errors.DataError, match='image_size'):
     demo_data.generate(str(tmp_path / 'x'), image_size=(128, 96))
-  with pytest.raises(voc.DataError, match='JPEGImages'):   # fewer ids than already there: refuse to mix
+  with pytest.raises(errors.DataError, match='JPEGImages'):   # fewer ids than already there: refuse to mix
     demo_data.generate(root, **dict(SMALL, num_train=2))
 
 
 def test_cli(tmp_path):
   root = str(tmp_path / 'cli')
-  cmd = [sys.executable, '-m', 'seam_jax.demo_data', '--root', root, '--num_train', '3', '--num_val', '2',
+  cmd = [sys.executable, '-m', 'seam_jax.data.demo_data', '--root', root, '--num_train', '3', '--num_val', '2',
          '--num_aug', '1', '--seed', '5']
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
   assert r.returncode == 0, r.stderr
@@ -218,7 +219,7 @@ def test_cli(tmp_path):
 
 def test_cli_plain_style(tmp_path):
   root = str(tmp_path / 'plain')
-  cmd = [sys.executable, '-m', 'seam_jax.demo_data', '--root', root, '--num_train', '4', '--num_val', '2',
+  cmd = [sys.executable, '-m', 'seam_jax.data.demo_data', '--root', root, '--num_train', '4', '--num_val', '2',
          '--num_aug', '0', '--plain', '--classes', '2,7', '--object_scale', '0.3,0.4']
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
   assert r.returncode == 0, r.stderr

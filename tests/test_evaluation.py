@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from configs import voc12
-from seam_jax import evaluation, voc
+from seam_jax.common import errors, files
+from seam_jax.data import voc
+from seam_jax.infer import evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,8 +100,8 @@ def write_case(tmp_path, rng, n=5):
   ids, cases = [f'img{k}' for k in range(n)], []
   for i in ids:
     cams, gt = random_case(rng, *rng.integers(15, 30, 2))
-    voc.save_npy_dict(str(pred / f'{i}.npy'), cams)
-    voc.save_label_png(str(gt_dir / f'{i}.png'), gt)
+    files.save_npy_dict(str(pred / f'{i}.npy'), cams)
+    files.save_label_png(str(gt_dir / f'{i}.png'), gt)
     cases.append((cams, gt))
   return ids, cases, str(pred), str(gt_dir)
 
@@ -116,10 +118,10 @@ def test_accumulate_in_a_process_pool_matches_brute_force(tmp_path):
 def test_missing_or_mismatched_prediction_names_the_file(tmp_path):
   rng = np.random.default_rng(2)
   ids, _, pred, gt = write_case(tmp_path, rng, 2)
-  with pytest.raises(voc.DataError, match='nothere.npy'):
+  with pytest.raises(errors.DataError, match='nothere.npy'):
     evaluation.accumulate(pred, gt, ids + ['nothere'], 'npy', [0.1], workers=1)
-  voc.save_npy_dict(os.path.join(pred, 'img0.npy'), {3: np.zeros((4, 4), np.float32)})
-  with pytest.raises(voc.DataError, match='img0.npy'):
+  files.save_npy_dict(os.path.join(pred, 'img0.npy'), {3: np.zeros((4, 4), np.float32)})
+  with pytest.raises(errors.DataError, match='img0.npy'):
     evaluation.accumulate(pred, gt, ids, 'npy', [0.1], workers=1)
 
 
@@ -157,8 +159,8 @@ def test_png_predictions(tmp_path):
   gts = [rng.choice([0, 1, 15, 255], (12, 9)).astype(np.uint8) for _ in range(2)]
   preds = [rng.choice([0, 1, 15, 20], (12, 9)).astype(np.uint8) for _ in range(2)]
   for k, (g, p) in enumerate(zip(gts, preds)):
-    voc.save_label_png(str(gt_dir / f'{k}.png'), g)
-    voc.save_label_png(str(pred_dir / f'{k}.png'), p)
+    files.save_label_png(str(gt_dir / f'{k}.png'), g)
+    files.save_label_png(str(pred_dir / f'{k}.png'), p)
   res = evaluation.evaluate(make_config(tmp_path, ['0', '1'], str(pred_dir), str(gt_dir), 'png'))
   want = evaluation.scores(sum(evaluation.confusion(g, p) for g, p in zip(gts, preds)))
   assert res['miou'] == pytest.approx(want['miou']) and 'miou_curve' not in res
@@ -184,7 +186,7 @@ def test_entry_point(tmp_path):
 
 
 def test_crf_score_dicts_argmax_over_labels(tmp_path):
-  """pred_type 'crf': the label of a {0: bg, c + 1: score} dict (seam_jax.crf output) is its highest-scoring key."""
+  """pred_type 'crf': the label of a {0: bg, c + 1: score} dict (seam_jax.infer.crf output) is its highest-scoring key."""
   gt = np.array([[0, 0, 3], [15, 15, 255]], np.uint8)
   bg = np.array([[.9, .2, .1], [.1, .3, .5]], np.float32)
   s3 = np.array([[.1, .5, .8], [.2, .2, .1]], np.float32)
@@ -195,11 +197,11 @@ def test_crf_score_dicts_argmax_over_labels(tmp_path):
   pred, gtd = tmp_path / 'crf', tmp_path / 'gt'
   pred.mkdir()
   gtd.mkdir()
-  voc.save_npy_dict(str(pred / 'a.npy'), d)
-  voc.save_label_png(str(gtd / 'a.png'), gt)
+  files.save_npy_dict(str(pred / 'a.npy'), d)
+  files.save_label_png(str(gtd / 'a.png'), gt)
   res = evaluation.evaluate(make_config(tmp_path, ['a'], str(pred), str(gtd), 'crf'))
   np.testing.assert_array_equal(res['confusion'], evaluation.confusion(gt, want))
-  with pytest.raises(voc.DataError, match='keys'):
+  with pytest.raises(errors.DataError, match='keys'):
     evaluation.score_dict_label({21: bg}, gt.shape)
-  with pytest.raises(voc.DataError, match='shape'):
+  with pytest.raises(errors.DataError, match='shape'):
     evaluation.score_dict_label({0: bg[:1]}, gt.shape)

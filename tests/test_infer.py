@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from configs import demo
-from seam_jax import evaluation, infer_cam, input_pipeline, ops, voc
+from seam_jax.common import bucketing, errors, files
+from seam_jax.common import ops
+from seam_jax.data import input_pipeline, voc
+from seam_jax.infer import evaluation, cam_inference
 from seam_jax.models import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +80,7 @@ def make_config(tmp, ids, labels):
   c.data.list_dir = os.path.join(tmp, 'lists')
   c.data.cls_labels = os.path.join(tmp, 'lists', 'cls_labels.npy')
   voc.write_list(os.path.join(c.data.list_dir, 'train.txt'), ids)
-  voc.save_npy_dict(c.data.cls_labels, labels)
+  files.save_npy_dict(c.data.cls_labels, labels)
   c.model.width_div = 32
   c.infer.list, c.infer.scales, c.infer.bucket, c.infer.batch_size = 'train', SCALES, BUCKET, 8
   c.infer.cam_dir, c.infer.label_dir = os.path.join(tmp, 'cam'), os.path.join(tmp, 'cam_png')
@@ -101,8 +104,8 @@ def run(net, tmp_path_factory):
       compiles.append(event)
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    engine = infer_cam.CamEngine(variables, mc, config.infer.batch_size)
-    stats = infer_cam.run_inference(config, engine)
+    engine = cam_inference.CamEngine(variables, mc, config.infer.batch_size)
+    stats = cam_inference.run_inference(config, engine)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   return config, engine, stats, len(compiles)
@@ -130,7 +133,7 @@ def test_upsample_matrix_matches_torch():
   up = torch.nn.functional.interpolate(torch.from_numpy(rv), (37, 50), mode='bilinear', align_corners=True)
   want = torch.nn.functional.interpolate(up, (75, 99), mode='bilinear', align_corners=False)[0].numpy()
   for flip in (False, True):
-    got = infer_cam.upsample_matrix(5, 37, 75, False) @ rv[0] @ infer_cam.upsample_matrix(7, 50, 99, flip).T
+    got = cam_inference.upsample_matrix(5, 37, 75, False) @ rv[0] @ cam_inference.upsample_matrix(7, 50, 99, flip).T
     np.testing.assert_allclose(got, want[..., ::-1] if flip else want, atol=2e-6)
 
 
@@ -140,14 +143,14 @@ def test_inference_matches_unbatched_reference(net, run):
   labels = voc.load_cls_labels(config.data.cls_labels)
   assert stats['images'] == 3 and stats['skipped'] == 0
   for i, (h, w, cls) in IMAGES.items():
-    cams = voc.load_npy_dict(os.path.join(config.infer.cam_dir, i + '.npy'))
+    cams = files.load_npy_dict(os.path.join(config.infer.cam_dir, i + '.npy'))
     assert list(cams) == list(cls) and all(type(k) is int for k in cams)  # keys = label classes, ascending
     for c, v in cams.items():
       assert v.dtype == np.float32 and v.shape == (h, w) and v.max() <= 1
       # QUIRK: a CAM that is 0 everywhere normalises to (0 - 0 - 1e-5) / (0 - 0 + 1e-5) = -1
       assert v.max() > 0.99 if c in (3, 11) else np.all(v == -1)
     if i != '2007_00000B':  # two images of different sizes against the reference
-      img = voc.load_image(input_pipeline.image_path(config.data.voc_root, i))
+      img = files.load_image(input_pipeline.image_path(config.data.voc_root, i))
       ref = reference_cams(model, variables, img, labels[i])
       for c in cls:
         np.testing.assert_allclose(cams[c], ref[c], atol=2e-5, err_msg=f'{i} class {c}')
@@ -168,21 +171,21 @@ def test_compilations_bounded_by_padded_shapes(run):
 def test_partial_batches_and_resume(run):
   config, engine, _, _ = run
   cam_dir = config.infer.cam_dir
-  before = {i: voc.load_npy_dict(os.path.join(cam_dir, i + '.npy')) for i in IMAGES}
+  before = {i: files.load_npy_dict(os.path.join(cam_dir, i + '.npy')) for i in IMAGES}
   compiled = engine.compilations
   config.infer.force, config.infer.max_pending = True, 1  # every image flushed on its own, half-empty batches
   try:
-    stats = infer_cam.run_inference(config, engine)
+    stats = cam_inference.run_inference(config, engine)
   finally:
     config.infer.force, config.infer.max_pending = False, 16
   assert stats['images'] == 3 and engine.compilations == compiled
   for i in IMAGES:
-    after = voc.load_npy_dict(os.path.join(cam_dir, i + '.npy'))
+    after = files.load_npy_dict(os.path.join(cam_dir, i + '.npy'))
     for c in before[i]:
       np.testing.assert_allclose(after[c], before[i][c], atol=1e-6)
   os.remove(os.path.join(cam_dir, '2007_00000B.npy'))
   mtime = os.path.getmtime(os.path.join(cam_dir, '2007_00000A.npy'))
-  stats = infer_cam.run_inference(config, engine)
+  stats = cam_inference.run_inference(config, engine)
   assert (stats['images'], stats['skipped']) == (1, 2)
   assert os.path.isfile(os.path.join(cam_dir, '2007_00000B.npy'))
   assert os.path.getmtime(os.path.join(cam_dir, '2007_00000A.npy')) == mtime
@@ -195,8 +198,9 @@ class FakeEngine:
   def __init__(self):
     self.calls = 0
 
-  def __call__(self, x, valid, xs):
+  def __call__(self, batch):
     self.calls += 1
+    x, valid, xs = batch['x'], batch['valid'], batch['xs']
     ident = valid[:, 0] * 1000. + valid[:, 1] + xs[:, 0, 0, 0]
     return np.broadcast_to(ident[:, None, None, None], (x.shape[0], xs.shape[1], xs.shape[2], 20)).copy()
 
@@ -208,18 +212,19 @@ def test_schedule_routes_every_view_to_its_image():
     views = []
     for vi in range(3):
       hw = tuple(int(v) for v in rng.integers(9, 40, 2))
-      ph, pw = (infer_cam.padded(n, 16) for n in hw)
-      xs = np.zeros((infer_cam.low_res(ph), infer_cam.low_res(pw), 3), np.float32)
+      ph, pw = (bucketing.padded(n, 16) for n in hw)
+      xs = np.zeros((bucketing.low_res(ph), bucketing.low_res(pw), 3), np.float32)
       xs[0, 0, 0] = k / 10 + vi / 100
-      views.append(infer_cam.View(np.zeros((ph, pw, 3), np.float32), hw, xs, bool(vi % 2)))
+      arrays = {'x': np.zeros((ph, pw, 3), np.float32), 'valid': np.array(hw, np.int32), 'xs': xs}
+      views.append(bucketing.Piece(arrays, (hw, bool(vi % 2)), bucketing.grid_size(*hw)))
     items.append((k, views, views))
-  done = list(infer_cam.schedule(FakeEngine(), iter(items), max_pending=2))
+  done = list(bucketing.schedule(FakeEngine(), iter(items), max_pending=2))
   assert sorted(d[0] for d in done) == list(range(7))
   for k, views, outs in done:
-    for v, (rv, hw, flipped) in zip(views, outs):
-      assert hw == v.hw and flipped == v.flipped
-      assert rv.shape[:2] == (infer_cam.low_res(hw[0]), infer_cam.low_res(hw[1]))
-      np.testing.assert_allclose(rv, hw[0] * 1000. + hw[1] + v.xs[0, 0, 0])
+    for v, (rv, (hw, flipped)) in zip(views, outs):
+      assert (hw, flipped) == v.meta
+      assert rv.shape[:2] == (bucketing.low_res(hw[0]), bucketing.low_res(hw[1]))
+      np.testing.assert_allclose(rv, hw[0] * 1000. + hw[1] + v.arrays['xs'][0, 0, 0])
 
 
 def test_padding_is_exact_on_its_own(net, run):
@@ -228,17 +233,17 @@ def test_padding_is_exact_on_its_own(net, run):
   engine = run[1]  # 64 x 64 is compiled already
   apply = jax.jit(model.apply)
   img = np.random.default_rng(1).integers(0, 256, (37, 45, 3)).astype(np.uint8)
-  views = infer_cam.prepare_views(img, (1.0,), True, BUCKET)
+  views = cam_inference.prepare_views(img, (1.0,), True, BUCKET)
   x = np.zeros((8, 64, 64, 3), np.float32)
   xs = np.zeros((8, 8, 8, 3), np.float32)
   valid = np.tile([64, 64], (8, 1)).astype(np.int32)
-  x[:2], xs[:2], valid[:2] = [v.x for v in views], [v.xs for v in views], [v.hw for v in views]
-  out = np.asarray(engine(x, valid, xs))
+  x[:2], xs[:2], valid[:2] = ([v.arrays[k] for v in views] for k in ('x', 'xs', 'valid'))
+  out = np.asarray(engine({'x': x, 'valid': valid, 'xs': xs}))
   for k, v in enumerate(views):
-    ref = np.asarray(apply(variables, jnp.asarray(v.x[None, :37, :45]))[1][0, ..., 1:])
+    ref = np.asarray(apply(variables, jnp.asarray(v.arrays['x'][None, :37, :45]))[1][0, ..., 1:])
     got = ops.resize_bilinear(jnp.asarray(out[k:k + 1, :5, :6]), (37, 45), align_corners=True)[0]
     np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
-  plain = np.asarray(apply(variables, jnp.asarray(views[1].x[None]))[1][0, :37, :45, 1:])
+  plain = np.asarray(apply(variables, jnp.asarray(views[1].arrays['x'][None]))[1][0, :37, :45, 1:])
   assert np.abs(plain - ref).max() > 1e-2 * np.abs(ref).max()  # unmasked padding would change the result
 
 
@@ -250,11 +255,11 @@ def test_bad_input_names_the_file(net, run, tmp_path):
   labels = voc.load_cls_labels(config.data.cls_labels)
   c = make_config(str(tmp_path), ['2007_00000Z'], {'2007_00000Z': labels['2007_00000A']})
   c.data.voc_root = config.data.voc_root
-  with pytest.raises(voc.DataError, match='2007_00000Z.jpg'):
-    infer_cam.run_inference(c, engine)
+  with pytest.raises(errors.DataError, match='2007_00000Z.jpg'):
+    cam_inference.run_inference(c, engine)
   voc.write_list(os.path.join(c.data.list_dir, 'train.txt'), ['2007_00000A', 'nolabel'])
-  with pytest.raises(voc.DataError, match='nolabel'):
-    infer_cam.run_inference(c, engine)
+  with pytest.raises(errors.DataError, match='nolabel'):
+    cam_inference.run_inference(c, engine)
 
 
 def test_entry_point_reports_a_missing_checkpoint(run, tmp_path):

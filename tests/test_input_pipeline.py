@@ -9,10 +9,11 @@ from PIL import Image
 import pytest
 
 from configs import demo as demo_config
-from seam_jax import demo_data
-from seam_jax import input_pipeline as ip
-from seam_jax import prepare
-from seam_jax import voc
+from seam_jax.common import errors, files
+from seam_jax.data import demo_data
+from seam_jax.data import input_pipeline as ip
+from seam_jax.data import prepare
+from seam_jax.data import voc
 
 
 @pytest.fixture(scope='module')
@@ -26,7 +27,7 @@ def demo(tmp_path_factory):
   c.data.crop_size, c.data.resize_long = 48, (40, 64)
   c.train.batch_size = 4
   demo_data.generate(c.data.voc_root, num_train=16, num_val=4, num_aug=4, image_size=(40, 56), seed=2)
-  prepare.prepare(c.data)
+  prepare.prepare(c)
   return c
 
 
@@ -73,7 +74,7 @@ def test_source_records_and_errors(demo, tmp_path):
   assert r['image'].dtype == np.uint8 and r['label'].dtype == np.float32
   np.testing.assert_array_equal(r['label'], labels[3])
   bad = ip.VOCClsSource(d.voc_root, ['nope'] + ids[:1], labels[:2])
-  with pytest.raises(voc.DataError, match='JPEGImages/nope.jpg'):
+  with pytest.raises(errors.DataError, match='JPEGImages/nope.jpg'):
     bad[0]  # pylint: disable=pointless-statement
   skip = ip.VOCClsSource(d.voc_root, ['nope'] + ids[:1], labels[:2], on_error='skip')
   assert skip[0] is None and skip.skipped == 1 and skip[1]['id'] == ids[0]
@@ -100,7 +101,7 @@ def test_epochs_are_permutations_with_drop_last_and_rng_from_index():
 
 
 def test_too_few_records_and_bad_batch(monkeypatch):
-  with pytest.raises(voc.DataError, match='fewer than one global batch'):
+  with pytest.raises(errors.DataError, match='fewer than one global batch'):
     ip.make_loader(RangeSource(3), key_and_draw, global_batch_size=4, seed=0)
   monkeypatch.setattr(jax, 'process_count', lambda: 3)
   with pytest.raises(ValueError, match='divisible'):
@@ -176,8 +177,8 @@ def test_missing_labels_and_bad_images(demo, tmp_path):
   ids = voc.read_list(os.path.join(c.data.list_dir, 'train.txt'))
   del labels[ids[0]]
   c.data.cls_labels = str(tmp_path / 'labels.npy')
-  voc.save_npy_dict(c.data.cls_labels, labels)
-  with pytest.raises(voc.DataError, match='labels.npy'):
+  files.save_npy_dict(c.data.cls_labels, labels)
+  with pytest.raises(errors.DataError, match='labels.npy'):
     ip.seam_train_loader(c)
   c.data.on_error = 'skip'
   assert ip.seam_train_loader(c)[1] == 15
@@ -185,8 +186,8 @@ def test_missing_labels_and_bad_images(demo, tmp_path):
   c.data.train_list = str(tmp_path / 'list.txt')
   voc.write_list(c.data.train_list, ids[1:] + ['2099_000001'])   # 16 ids = 4 whole batches: all read in epoch 0
   c.data.cls_labels = str(tmp_path / 'l2.npy')
-  voc.save_npy_dict(c.data.cls_labels, {**labels, '2099_000001': np.ones(20, np.float32)})
-  with pytest.raises(voc.DataError, match='JPEGImages/2099_000001.jpg'):
+  files.save_npy_dict(c.data.cls_labels, {**labels, '2099_000001': np.ones(20, np.float32)})
+  with pytest.raises(errors.DataError, match='JPEGImages/2099_000001.jpg'):
     take(iter(ip.seam_train_loader(c)[0]), 4)
   c.data.on_error = 'skip'
   batches = take(iter(ip.seam_train_loader(c)[0]), 4)
@@ -214,6 +215,6 @@ def test_iterate_images(demo):
   got = list(ip.iterate_images(demo.data.voc_root, ids, prefetch=2))
   assert [i for i, _ in got] == ids
   for i, im in got:
-    np.testing.assert_array_equal(im, voc.load_image(ip.image_path(demo.data.voc_root, i)))
-  with pytest.raises(voc.DataError, match='JPEGImages/missing.jpg'):
+    np.testing.assert_array_equal(im, files.load_image(ip.image_path(demo.data.voc_root, i)))
+  with pytest.raises(errors.DataError, match='JPEGImages/missing.jpg'):
     list(ip.iterate_images(demo.data.voc_root, ids[:1] + ['missing']))

@@ -1,9 +1,9 @@
 """End to end on the demo data: SEAM trained from scratch with the real trainer (configs/demo.py, narrower and
-shorter) learns, and its CAMs (seam_jax.infer_cam, scored by seam_jax.evaluation) on demo VAL beat the untrained
+shorter) learns, and its CAMs (seam_jax.infer.cam_inference, scored by seam_jax.infer.evaluation) on demo VAL beat the untrained
 network's clearly.
 
 The demo set is the generator's plain style of configs/demo.py (4 classes as flat colour discs on grey noise); the
-hard style (20 textured classes over clutter) is not learnt from scratch in a test's budget (see seam_jax.demo_data).
+hard style (20 textured classes over clutter) is not learnt from scratch in a test's budget (see seam_jax.data.demo_data).
 """
 import json
 import os
@@ -12,7 +12,9 @@ import jax
 import numpy as np
 
 from configs import demo
-from seam_jax import evaluation, infer_cam, prepare, seam_task, trainer
+from seam_jax.data import prepare
+from seam_jax.infer import evaluation, cam_inference
+from seam_jax.train import seam_task, trainer
 
 STEPS = 300
 
@@ -36,7 +38,7 @@ def cam_miou(config, variables, name):
   with config.unlocked():
     config.infer.cam_dir = os.path.join(config.workdir, f'cam_{name}')
     config.eval.out_dir = os.path.join(config.workdir, f'eval_{name}')
-  infer_cam.run_inference(config, infer_cam.CamEngine(variables, config.model, config.infer.batch_size))
+  cam_inference.run_inference(config, cam_inference.CamEngine(variables, config.model, config.infer.batch_size))
   return evaluation.evaluate(config)['miou_present']
 
 
@@ -51,7 +53,7 @@ def label_prior_mlsm(label_path, list_path):
 def test_seam_learns_cams_on_demo_data(tmp_path):
   config = make_config(tmp_path)
   prepare.make_demo(config)
-  prepare.prepare(config.data)
+  prepare.prepare(config)
   task = seam_task.seam_task(config)
   init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]   # the trainer's own initialisation
   untrained = trainer.init_variables(config, task, init_rng)

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seam_jax import losses
+from seam_jax.train import equivariance, losses
+from torch_reference.losses import t_amp, t_onehot, t_seam_loss, t_topk_mean
 
 
 
@@ -19,59 +20,6 @@ def nhwc(t):
 
 def nchw(a):
   return torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())
-
-
-# ---------------------------------------------------------------------------------- torch formulas (NCHW)
-def t_max_norm(p, e=1e-5):
-  n, c = p.shape[:2]
-  p = F.relu(p)
-  mx = torch.max(p.view(n, c, -1), dim=-1)[0].view(n, c, 1, 1)
-  mn = torch.min(p.view(n, c, -1), dim=-1)[0].view(n, c, 1, 1)
-  return F.relu(p - mn - e) / (mx - mn + e)
-
-
-def t_amp(x):
-  n, _, h, w = x.shape
-  k = h * w // 4
-  m = torch.max(x, dim=1)[0]
-  y = torch.topk(m.reshape(n, -1), k=k, dim=-1, largest=False)[0]
-  return torch.sum(F.relu(y)) / (k * n)
-
-
-def t_onehot(x):
-  x = x.clone()
-  fg = x[:, 1:]
-  mx = torch.max(fg, dim=1, keepdim=True)[0]
-  x[:, 1:] = torch.where(fg != mx, torch.zeros_like(fg), fg)
-  return x
-
-
-def t_topk_mean(x, ratio):
-  n, c, h, w = x.shape
-  return torch.mean(torch.topk(x.reshape(n, -1), k=int(c * h * w * ratio), dim=-1)[0])
-
-
-def t_seam_loss(cam1, rv1, cam2, rv2, label, scale, ratio=0.2):
-  """The original training step's loss, in-place background assignment included."""
-  lab = label[:, :, None, None]
-  up = lambda t: F.interpolate(t, scale_factor=scale, mode='bilinear', align_corners=True)
-  p1 = F.adaptive_avg_pool2d(cam1, (1, 1))
-  p2 = F.adaptive_avg_pool2d(cam2, (1, 1))
-  min1 = t_amp((rv1 * lab)[:, 1:])
-  min2 = t_amp((rv2 * lab)[:, 1:])
-  cam1 = up(t_max_norm(cam1)) * lab
-  rv1 = up(t_max_norm(rv1)) * lab
-  cam2 = t_max_norm(cam2) * lab
-  rv2 = t_max_norm(rv2) * lab
-  cls1 = F.multilabel_soft_margin_loss(p1[:, 1:], lab[:, 1:])
-  cls2 = F.multilabel_soft_margin_loss(p2[:, 1:], lab[:, 1:])
-  er = torch.mean(torch.abs(cam1[:, 1:] - cam2[:, 1:]))
-  cam1[:, 0] = 1 - torch.max(cam1[:, 1:], dim=1)[0]
-  cam2[:, 0] = 1 - torch.max(cam2[:, 1:], dim=1)[0]
-  ecr = (t_topk_mean(torch.abs(t_onehot(cam2.detach()) - rv1), ratio) +
-         t_topk_mean(torch.abs(t_onehot(cam1.detach()) - rv2), ratio))
-  cls = (cls1 + cls2) / 2 + (min1 + min2) / 2
-  return cls + er + ecr, {'cls': cls, 'er': er, 'ecr': ecr}
 
 
 def random_label(rng, n):
@@ -137,7 +85,7 @@ def test_seam_loss_value_and_gradients_vs_torch(size, scale):
 
   def f(outs):
     cam1, rv1, cam2, rv2 = outs
-    return losses.seam_loss((cam1, rv1), (cam2, rv2), label, losses.Rescale(scale), 0.2)
+    return losses.seam_loss((cam1, rv1), (cam2, rv2), label, equivariance.Rescale(scale), 0.2)
   (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)([nhwc(t) for t in t_out])
   close(loss, t_loss.item())
   for k in ('cls', 'er', 'ecr'):
@@ -146,34 +94,36 @@ def test_seam_loss_value_and_gradients_vs_torch(size, scale):
     close(gj, nhwc(t.grad), 1e-6)
 
 
-@pytest.mark.parametrize('transform', [losses.HFlip(), losses.Rot90(1)])
-def test_exactly_equivariant_outputs_give_zero_er(transform):
+@pytest.mark.parametrize('eq', [equivariance.HFlip(), equivariance.Rot90(1)])
+def test_exactly_equivariant_outputs_give_zero_er(eq):
   """If the second view's CAMs are exactly the transformed first ones, ER is 0; a mismatched view is not."""
   cam, rv = (jax.random.normal(k, (2, 12, 12, 21)) for k in jax.random.split(jax.random.key(0)))
   label = jnp.asarray(random_label(np.random.default_rng(5), 2))
-  _, m = losses.seam_loss((cam, rv), (transform.cam(cam), transform.cam(rv)), label, transform)
+  _, m = losses.seam_loss((cam, rv), (eq.cam(cam), eq.cam(rv)), label, eq)
   assert float(m['er']) == 0.
-  _, m_wrong = losses.seam_loss((cam, rv), (cam[:, ::-1], rv[:, ::-1]), label, transform)
+  _, m_wrong = losses.seam_loss((cam, rv), (cam[:, ::-1], rv[:, ::-1]), label, eq)
   assert float(m_wrong['er']) > 0.01
 
 
-def test_make_transform():
-  c = ml_collections.ConfigDict({'transform': 'rescale', 'scale_factor': 0.3})
-  assert losses.make_transform(c) == losses.Rescale(0.3)
-  assert losses.make_transform(c).image(jnp.zeros((1, 448, 448, 3))).shape == (1, 134, 134, 3)
-  c.transform = 'flip'
-  assert isinstance(losses.make_transform(c), losses.HFlip)
-  c.transform = 'bogus'
+def test_make_equivariance():
+  c = ml_collections.ConfigDict({'equivariance': 'rescale', 'scale_factor': 0.3})
+  assert equivariance.make_equivariance(c) == equivariance.Rescale(0.3)
+  assert equivariance.make_equivariance(c).image(jnp.zeros((1, 448, 448, 3))).shape == (1, 134, 134, 3)
+  c.equivariance = 'flip'
+  assert isinstance(equivariance.make_equivariance(c), equivariance.HFlip)
+  c.equivariance = 'bogus'
   with pytest.raises(ValueError, match='bogus'):
-    losses.make_transform(c)
+    equivariance.make_equivariance(c)
 
 
 # ------------------------------------------------------------------------ full loss through the networks
 def test_seam_loss_and_param_gradients_vs_torch_reference_net():
   """The key parity test: SEAM loss value and d loss / d params (every parameter, BN included) of the Flax net
   vs the PyTorch reference net with the same (converted) weights, eval mode, 64x64 inputs, 0.3 rescale."""
-  from seam_jax import convert, models, seam_task, trainer   # pylint: disable=g-import-not-at-top
-  from tests import torch_reference                   # pylint: disable=g-import-not-at-top
+  from seam_jax.models import convert   # pylint: disable=g-import-not-at-top
+  from seam_jax import models   # pylint: disable=g-import-not-at-top
+  from seam_jax.train import seam_task, trainer   # pylint: disable=g-import-not-at-top
+  from torch_reference import models as torch_reference                   # pylint: disable=g-import-not-at-top
   net = torch_reference.randomize_(torch_reference.SEAMRef(width_div=16), seed=1).eval()
   cfg = convert.model_config(16)
   variables = convert.state_dict_to_variables(torch_reference.state_dict_numpy(net), 'seam', cfg)
@@ -189,7 +139,7 @@ def test_seam_loss_and_param_gradients_vs_torch_reference_net():
   t_grads = convert.state_dict_to_variables(grad_sd, 'seam', cfg)['params']
 
   model = models.build('seam', cfg)
-  loss_fn = seam_task.make_loss_fn(losses.Rescale(0.3), 0.2, train=False)
+  loss_fn = seam_task.make_loss_fn(equivariance.Rescale(0.3), 0.2, train=False)
   batch = {'image': nhwc(img), 'label': jnp.asarray(label[:, 1:])}
 
   def f(params):
@@ -208,7 +158,7 @@ def test_pcm_gradient_with_all_zero_feature_vectors_matches_torch():
   """Pixels whose PCM features are exactly 0 (zero padding of a crop, all-dead relu): torch's norm has gradient
   0 there; a NaN here would poison the f8/f9 weights."""
   from seam_jax.models import seam   # pylint: disable=g-import-not-at-top
-  from tests import torch_reference   # pylint: disable=g-import-not-at-top
+  from torch_reference import models as torch_reference   # pylint: disable=g-import-not-at-top
   g = torch.Generator().manual_seed(7)
   f = torch.randn((2, 6, 5, 5), generator=g)
   f[:, :, :2] = 0.

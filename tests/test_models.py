@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from seam_jax import convert
 from seam_jax import models
 from seam_jax.models import affinity
-from tests import torch_reference as ref_lib
+from seam_jax.models import convert
+from torch_reference import models as ref_lib
 
 FULL_SEAM_PARAMS = 105_358_208   # SEAM_SPEC section 1: 105.36 M
 

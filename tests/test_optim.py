@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import torch
 
-from seam_jax import models, optim
+from seam_jax import models
+from seam_jax.train import optim
 
 BASE_LR = 0.01
 MAX_STEPS = 10

@@ -10,9 +10,10 @@ from PIL import Image
 import pytest
 
 from configs import demo as demo_config
-from seam_jax import demo_data
-from seam_jax import prepare
-from seam_jax import voc
+from seam_jax.common import errors
+from seam_jax.data import demo_data
+from seam_jax.data import prepare
+from seam_jax.data import voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +41,11 @@ def data_config(voc_root, out_dir, **kw):
   return d
 
 
+def full(data):
+  """A run config around data fields (prepare reads its paths through seam_jax.layout)."""
+  return ml_collections.ConfigDict({'workdir': '', 'data': data})
+
+
 def seg_list(root, name):
   return voc.read_list(os.path.join(root, 'ImageSets', 'Segmentation', name + '.txt'))
 
@@ -55,7 +61,7 @@ def written(d):
 
 def test_lists_and_mask_labels(demo_root, tmp_path):
   d = data_config(demo_root, tmp_path)
-  summary = prepare.prepare(d)
+  summary = prepare.prepare(full(d))
   lists, labels = written(d)
   train, val = seg_list(demo_root, 'train'), seg_list(demo_root, 'val')
   assert lists['train'] == train and lists['val'] == val
@@ -84,7 +90,7 @@ def test_xml_label_every_object_name(tmp_path):
   expected[[11, 14, 19]] = 1                    # dog, person (difficult counts), tvmonitor; part names ignored
   np.testing.assert_array_equal(prepare.xml_label(str(p)), expected)
   (tmp_path / 'b.xml').write_text('<annotation><object><name>dog</name></annotation>')
-  with pytest.raises(voc.DataError, match='b.xml'):
+  with pytest.raises(errors.DataError, match='b.xml'):
     prepare.xml_label(str(tmp_path / 'b.xml'))
 
 
@@ -96,12 +102,12 @@ def test_xml_source_and_mismatch_report(voc_copy, tmp_path):
   with open(ann, 'w') as f:
     f.write(text.replace('</annotation>', f'<object><name>{extra}</name></object></annotation>'))
   d = data_config(voc_copy, tmp_path, label_source='xml')
-  summary = prepare.prepare(d)
+  summary = prepare.prepare(full(d))
   _, labels = written(d)
   assert summary['label_mismatch'] == [target]
   assert labels[target][voc.CLASSES.index(extra) - 1] == 1
   d_masks = data_config(voc_copy, tmp_path / 'm')
-  prepare.prepare(d_masks)
+  prepare.prepare(full(d_masks))
   _, mask_labels = written(d_masks)
   assert mask_labels[target][voc.CLASSES.index(extra) - 1] == 0
   assert all(np.array_equal(labels[i], mask_labels[i]) for i in labels if i != target)
@@ -115,7 +121,7 @@ def test_sbd_lists(demo_root, tmp_path):
   (sbd / 'train.txt').write_text('\n'.join(extra[:2] + val[:1]) + '\n')   # a val id in SBD is removed
   (sbd / 'val.txt').write_text('\n'.join(extra[2:3] + train[:2]) + '\n')
   d = data_config(demo_root, tmp_path, sbd_root=str(sbd), label_source='xml')
-  prepare.prepare(d)
+  prepare.prepare(full(d))
   lists, labels = written(d)
   assert lists['train_aug'] == sorted(set(extra[:3]) | set(train))
   assert set(labels) == set(lists['train_aug']) | set(val)
@@ -145,11 +151,11 @@ def test_bad_files_raise_or_skip(voc_copy, tmp_path, damage, label_source, file_
     m[0, 0] = 30
     Image.fromarray(m).save(path)
   d = data_config(voc_copy, tmp_path, label_source=label_source)
-  with pytest.raises(voc.DataError, match=f'{file_part}.*{victim}'):
-    prepare.prepare(d)
+  with pytest.raises(errors.DataError, match=f'{file_part}.*{victim}'):
+    prepare.prepare(full(d))
   assert not os.path.exists(d.cls_labels)      # nothing half-written
   d.on_error = 'skip'
-  summary = prepare.prepare(d)
+  summary = prepare.prepare(full(d))
   lists, labels = written(d)
   assert summary['skipped'] == [victim]
   assert victim not in labels and all(victim not in l for l in lists.values())
@@ -157,28 +163,28 @@ def test_bad_files_raise_or_skip(voc_copy, tmp_path, damage, label_source, file_
 
 
 def test_bad_config_values(voc_copy, tmp_path):
-  with pytest.raises(voc.DataError, match='label_source'):
-    prepare.prepare(data_config(voc_copy, tmp_path, label_source='json'))
-  with pytest.raises(voc.DataError, match='nosbd/train.txt'):
-    prepare.prepare(data_config(voc_copy, tmp_path, sbd_root=str(tmp_path / 'nosbd')))
-  with pytest.raises(voc.DataError, match='list file not found: .*nowhere/ImageSets/Segmentation/train.txt'):
-    prepare.prepare(data_config(str(tmp_path / 'nowhere'), tmp_path))
+  with pytest.raises(errors.DataError, match='label_source'):
+    prepare.prepare(full(data_config(voc_copy, tmp_path, label_source='json')))
+  with pytest.raises(errors.DataError, match='nosbd/train.txt'):
+    prepare.prepare(full(data_config(voc_copy, tmp_path, sbd_root=str(tmp_path / 'nosbd'))))
+  with pytest.raises(errors.DataError, match='list file not found: .*nowhere/ImageSets/Segmentation/train.txt'):
+    prepare.prepare(full(data_config(str(tmp_path / 'nowhere'), tmp_path)))
   shutil.rmtree(os.path.join(voc_copy, 'SegmentationClassAug'))
-  with pytest.raises(voc.DataError, match='SegmentationClassAug does not exist and config.data.sbd_root'):
-    prepare.prepare(data_config(voc_copy, tmp_path))
+  with pytest.raises(errors.DataError, match='SegmentationClassAug does not exist and config.data.sbd_root'):
+    prepare.prepare(full(data_config(voc_copy, tmp_path)))
 
 
 def test_process_pool_same_output(demo_root, tmp_path):
   d0, d2 = data_config(demo_root, tmp_path / 'a'), data_config(demo_root, tmp_path / 'b')
-  prepare.prepare(d0, workers=0)
-  prepare.prepare(d2, workers=2)
+  prepare.prepare(full(d0), workers=0)
+  prepare.prepare(full(d2), workers=2)
   (l0, c0), (l2, c2) = written(d0), written(d2)
   assert l0 == l2 and c0.keys() == c2.keys() and all(np.array_equal(c0[k], c2[k]) for k in c0)
 
 
 def test_make_demo_requires_demo_fields(tmp_path):
   from configs import voc12
-  with pytest.raises(voc.DataError, match='demo'):
+  with pytest.raises(errors.DataError, match='demo'):
     prepare.make_demo(voc12.get_config())
   c = demo_config.get_config()
   c.data.voc_root = str(tmp_path / 'VOC2012')

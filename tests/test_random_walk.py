@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from configs import demo
-from seam_jax import checkpoints, models, voc
-from seam_jax import random_walk as rwm
+from seam_jax import models
+from seam_jax.common import bucketing, errors, files
+from seam_jax.data import voc
+from seam_jax.infer import random_walk as rwm
+from seam_jax.models import export
 from seam_jax.models.affinity import pair_affinity, search_offsets
-from tests import torch_reference
+from torch_reference import models as torch_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,7 +126,7 @@ def agree_except_near_ties(label, ref_scores, tol):
 @pytest.mark.parametrize('h, w', [(100, 90), (45, 70)])
 def test_numpy_and_jax_match_torch_original(h, w):
   rng = np.random.default_rng(h)
-  dh, dw = rwm.grid_size(h, w)
+  dh, dw = bucketing.grid_size(h, w)
   radius = rwm.walk_radius(h, w, 5)
   assert radius == (5 if (h, w) == (100, 90) else 2)
   aff = random_aff(rng, dh, dw, radius)
@@ -186,10 +189,10 @@ def setup(tmp_path_factory):
     os.makedirs(os.path.join(cfg.data.voc_root, 'JPEGImages'), exist_ok=True)
     img = (rng.random((h // 4 + 1, w // 4 + 1, 3)) * 255).repeat(4, 0).repeat(4, 1)[:h, :w].astype(np.uint8)
     Image.fromarray(img).save(os.path.join(cfg.data.voc_root, 'JPEGImages', i + '.jpg'))
-    voc.save_npy_dict(os.path.join(cfg.infer.cam_dir, i + '.npy'), random_cam(rng, h, w, [3, 8]))
+    files.save_npy_dict(os.path.join(cfg.infer.cam_dir, i + '.npy'), random_cam(rng, h, w, [3, 8]))
   model = models.build('affinity', cfg.model)
   variables = random_variables(model)
-  checkpoints.save_export(os.path.join(cfg.workdir, 'affinity', 'export'), variables, 'affinity', cfg.model)
+  export.save_export(os.path.join(cfg.workdir, 'affinity', 'export'), variables, 'affinity', cfg.model)
   return cfg, model, variables
 
 
@@ -205,15 +208,15 @@ def test_driver_matches_direct_computation_and_resumes(setup):
   apply = jax.jit(model.apply)
   for i, (h, w) in IMAGE_SIZES.items():
     img = voc.normalize(np.asarray(Image.open(os.path.join(cfg.data.voc_root, 'JPEGImages', i + '.jpg'))))
-    x = rwm.pad_image(img, rwm.padded_size(h, w))[None]
+    x = rwm.pad_image(img, bucketing.padded_size(h, w))[None]
     radius = rwm.walk_radius(h, w, 5)
     aff = np.asarray(pair_affinity(apply(variables, x), radius))[0]
-    cam = voc.load_npy_dict(os.path.join(cfg.infer.cam_dir, i + '.npy'))
+    cam = files.load_npy_dict(os.path.join(cfg.infer.cam_dir, i + '.npy'))
     ref = torch_original_walk(aff, cam, h, w, radius, cfg.rw.alpha, cfg.rw.beta, cfg.rw.logt)
     out = read_png(os.path.join(cfg.rw.out_dir, i + '.png'))
     assert out.shape == (h, w)
     agree_except_near_ties(out, ref, 1e-4)
-    scores = voc.load_npy_dict(os.path.join(cfg.rw.out_dir, i + '.npy'))
+    scores = files.load_npy_dict(os.path.join(cfg.rw.out_dir, i + '.npy'))
     assert sorted(scores) == [0, 4, 9]
     np.testing.assert_allclose(scores[9], ref[9], rtol=1e-4, atol=1e-6)
   # Resume: nothing is redone (mtimes unchanged) unless forced.
@@ -248,7 +251,7 @@ def test_missing_cam_is_a_data_error(setup, tmp_path):
   c = cfg.copy_and_resolve_references()
   c.rw.out_dir = str(tmp_path / 'out')
   c.rw.cam_dir = str(tmp_path / 'nocams')
-  with pytest.raises(voc.DataError, match='nocams'):
+  with pytest.raises(errors.DataError, match='nocams'):
     rwm.run(c)
 
 

@@ -11,11 +11,11 @@ tfds = pytest.importorskip(
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import demo as demo_config
-from seam_jax import demo_data
-from seam_jax import input_pipeline as ip
-from seam_jax import prepare
-from seam_jax import tfds_voc12aug
-from seam_jax import voc
+from seam_jax.data import demo_data
+from seam_jax.data import input_pipeline as ip
+from seam_jax.data import prepare
+from seam_jax.data import tfds_voc12aug
+from seam_jax.data import voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def built(tmp_path_factory):
   c.data.cls_labels = str(out / 'lists' / 'cls_labels.npy')
   c.data.crop_size, c.data.resize_long = 48, (40, 64)
   demo_data.generate(c.data.voc_root, num_train=12, num_val=4, num_aug=4, image_size=(40, 56), seed=3)
-  prepare.prepare(c.data)
+  prepare.prepare(c)
   data_dir = str(out / 'tfds_data')
   tfds_voc12aug.build(c, data_dir)
   return c, data_dir
@@ -54,13 +54,13 @@ def test_records_match_voc_source(built, split):
 def test_training_batches_from_tfds(built):
   c, data_dir = built
   src = tfds_voc12aug.TfdsClsSource(data_dir, 'train_aug')
-  loader = ip.make_loader(src, ip.SeamTransform.from_config(c.data), global_batch_size=4, seed=0)
+  loader = ip.make_loader(src, ip.SeamAugment.from_config(c.data), global_batch_size=4, seed=0)
   it = iter(loader)
   b = next(it)
   assert b['image'].shape == (4, 48, 48, 3) and b['label'].shape == (4, 20)
   state = it.get_state()
   expected = next(it)
-  it2 = iter(ip.make_loader(src, ip.SeamTransform.from_config(c.data), global_batch_size=4, seed=0))
+  it2 = iter(ip.make_loader(src, ip.SeamAugment.from_config(c.data), global_batch_size=4, seed=0))
   it2.set_state(state)
   np.testing.assert_array_equal(next(it2)['image'], expected['image'])
 
@@ -68,7 +68,7 @@ def test_training_batches_from_tfds(built):
 def test_rebuild_reuses_and_library_does_not_import_tensorflow(built):
   c, data_dir = built
   assert tfds_voc12aug.build(c, data_dir).info.splits['train_aug'].num_examples == 16
-  code = ('import sys; from seam_jax import voc, transforms, input_pipeline, prepare, demo_data; '
+  code = ('import sys; from seam_jax.data import voc, augment, input_pipeline, prepare, demo_data; '
           'print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")))')
   r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                      capture_output=True, text=True, timeout=120)

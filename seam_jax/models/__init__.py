@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 
 from seam_jax.models.affinity import AffinityNet
+from seam_jax.models.deeplab import DeepLab
 from seam_jax.models.resnet38 import FROZEN, ResNet38
 from seam_jax.models.seam import SEAM
 
-MODELS = {'seam': SEAM, 'affinity': AffinityNet}
+MODELS = {'seam': SEAM, 'affinity': AffinityNet, 'deeplab': DeepLab}
 
 
 def build(kind, model_config):
@@ -26,15 +27,16 @@ def is_batchnorm(path):
   return any(p.startswith('bn') for p in path)
 
 
-def trainable_mask(params):
-  """True for parameters the original trains: not BatchNorm, not conv1a/b2/b2_1/b2_2 (SEAM_SPEC section 1)."""
-  return _label_params(params, lambda k: not is_batchnorm(k) and not (k[0] == 'backbone' and k[1] in FROZEN))
+def trainable_mask(params, frozen=FROZEN):
+  """True for parameters the original trains: not BatchNorm, not the backbone layers `frozen` (SEAM: conv1a/b2/
+  b2_1/b2_2, SEAM_SPEC section 1; the segmentation retrain: none, RETRAIN_SPEC QUIRK Q1)."""
+  return _label_params(params, lambda k: not is_batchnorm(k) and not (k[0] == 'backbone' and k[1] in frozen))
 
 
-def param_groups(params):
+def param_groups(params, frozen=FROZEN):
   """The original's optimizer groups per parameter: 'frozen', or 0 backbone weights (1x lr, wd), 1 backbone biases
   (2x, no wd), 2 new-layer weights (10x, wd), 3 new-layer biases (20x, no wd)."""
-  train = flax.traverse_util.flatten_dict(trainable_mask(params))
+  train = flax.traverse_util.flatten_dict(trainable_mask(params, frozen))
 
   def group(k):
     if not train[k]:

@@ -1,12 +1,10 @@
 """AffinityNet (SEAM_SPEC section 6): ResNet38 + three 1x1 heads -> 448-ch stride-8 features, and the pairwise
 affinities a = exp(-mean_c |x_from - x_to|) over a fixed set of offsets within a radius."""
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from seam_jax.models.resnet38 import ResNet38
+from seam_jax.models.resnet38 import BackboneNet
 from seam_jax.models.seam import conv1x1, kaiming, xavier_gain4
 
 NEW_LAYERS = ('f8_3', 'f8_4', 'f8_5', 'f9')
@@ -51,16 +49,13 @@ def pair_indices(h, w, radius):
   return pairs[0][0].reshape(-1), np.stack([t.reshape(-1) for _, t in pairs])
 
 
-class AffinityNet(nn.Module):
+class AffinityNet(BackboneNet):
   """NHWC normalised image -> (N, h, w, 448/width_div) affinity features at stride 8."""
-  width_div: int = 1
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train=False):
-    w = lambda c: max(c // self.width_div, 1)
-    d = ResNet38(self.width_div, self.dtype, name='backbone')(x, train)
-    f = jnp.concatenate([nn.elu(conv1x1(w(64), 'f8_3', kaiming, self.dtype)(d['conv4'])),
-                         nn.elu(conv1x1(w(128), 'f8_4', kaiming, self.dtype)(d['conv5'])),
-                         nn.elu(conv1x1(w(256), 'f8_5', kaiming, self.dtype)(d['conv6']))], axis=-1)
-    return nn.elu(conv1x1(w(448), 'f9', xavier_gain4, self.dtype)(f)).astype(jnp.float32)
+    d = self.features(x, train)
+    f = jnp.concatenate([nn.elu(conv1x1(self.ch(64), 'f8_3', kaiming, self.dtype)(d['conv4'])),
+                         nn.elu(conv1x1(self.ch(128), 'f8_4', kaiming, self.dtype)(d['conv5'])),
+                         nn.elu(conv1x1(self.ch(256), 'f8_5', kaiming, self.dtype)(d['conv6']))], axis=-1)
+    return nn.elu(conv1x1(self.ch(448), 'f9', xavier_gain4, self.dtype)(f)).astype(jnp.float32)

@@ -2,10 +2,11 @@
 
 Module and parameter names mirror the original state_dict (`b4_3/bn_branch2a`, `conv1a`, ...) so weight
 conversion is a rename plus a transpose. BatchNorm always uses running statistics: the original keeps every BN in
-eval mode during training, so no cross-device statistics are ever needed. Dropout (b6, b7) is active when
+eval mode during training, so no cross-device statistics are ever needed (`norm` swaps in another BatchNorm: the
+segmentation retrain's batch-statistics BN, seam_jax.models.deeplab). Dropout (b6, b7) is active when
 `train=True`.
 """
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -48,14 +49,15 @@ class BasicBlock(nn.Module):
   first_dilation: int = 1
   dilation: int = 1
   dtype: Any = jnp.float32
+  norm: Callable = bn               # (name, dtype) -> BatchNorm module
 
   @nn.compact
   def __call__(self, x):
-    a = nn.relu(bn('bn_branch2a', self.dtype)(x))
+    a = nn.relu(self.norm('bn_branch2a', self.dtype)(x))
     same = x.shape[-1] == self.out and self.stride == 1
     shortcut = x if same else conv(self.out, 1, 'conv_branch1', self.stride, dtype=self.dtype)(a)
     r = conv(self.mid, 3, 'conv_branch2a', self.stride, self.first_dilation, self.dtype)(a)
-    r = nn.relu(bn('bn_branch2b1', self.dtype)(r))
+    r = nn.relu(self.norm('bn_branch2b1', self.dtype)(r))
     r = conv(self.out, 3, 'conv_branch2b1', 1, self.dilation, self.dtype)(r)
     return shortcut + r, a
 
@@ -66,18 +68,24 @@ class BottleneckBlock(nn.Module):
   dilation: int = 1
   dropout: float = 0.
   dtype: Any = jnp.float32
+  norm: Callable = bn
 
   @nn.compact
   def __call__(self, x, train=False):
     drop = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)  # Dropout2d
-    a = nn.relu(bn('bn_branch2a', self.dtype)(x))
+    a = nn.relu(self.norm('bn_branch2a', self.dtype)(x))
     shortcut = conv(self.out, 1, 'conv_branch1', dtype=self.dtype)(a)
     r = conv(self.out // 4, 1, 'conv_branch2a', dtype=self.dtype)(a)
-    r = drop(nn.relu(bn('bn_branch2b1', self.dtype)(r)))
+    r = drop(nn.relu(self.norm('bn_branch2b1', self.dtype)(r)))
     r = conv(self.out // 2, 3, 'conv_branch2b1', 1, self.dilation, self.dtype)(r)
-    r = drop(nn.relu(bn('bn_branch2b2', self.dtype)(r)))
+    r = drop(nn.relu(self.norm('bn_branch2b2', self.dtype)(r)))
     r = conv(self.out, 1, 'conv_branch2b2', dtype=self.dtype)(r)
     return shortcut + r, a
+
+
+def channels(c, width_div):
+  """A channel count of the full model scaled down by `width_div` (at least 1)."""
+  return max(c // width_div, 1)
 
 
 class ResNet38(nn.Module):
@@ -88,18 +96,32 @@ class ResNet38(nn.Module):
   """
   width_div: int = 1
   dtype: Any = jnp.float32
+  norm: Callable = bn
 
   @nn.compact
   def __call__(self, x, train=False):
-    w = lambda c: max(c // self.width_div, 1)
+    w = lambda c: channels(c, self.width_div)
     x = conv(w(64), 3, 'conv1a', dtype=self.dtype)(x.astype(self.dtype))
     feats = {}
     for name, kind, _, mid, out, stride, fd, d, p in BLOCKS:
       if kind == 'basic':
-        x, side = BasicBlock(w(mid), w(out), stride, fd, d, self.dtype, name=name)(x)
+        x, side = BasicBlock(w(mid), w(out), stride, fd, d, self.dtype, self.norm, name=name)(x)
       else:
-        x, side = BottleneckBlock(w(out), d, p, self.dtype, name=name)(x, train)
+        x, side = BottleneckBlock(w(out), d, p, self.dtype, self.norm, name=name)(x, train)
       if name in SIDE_OUTPUTS:
         feats[SIDE_OUTPUTS[name]] = side
-    feats['conv6'] = nn.relu(bn('bn7', self.dtype)(x))
+    feats['conv6'] = nn.relu(self.norm('bn7', self.dtype)(x))
     return feats
+
+
+class BackboneNet(nn.Module):
+  """Base of the networks built on ResNet38 (SEAM, AffinityNet): the width divisor, the dtype, scaled channel
+  counts of their heads and the backbone's features under the parameter name 'backbone'."""
+  width_div: int = 1
+  dtype: Any = jnp.float32
+
+  def ch(self, c):
+    return channels(c, self.width_div)
+
+  def features(self, x, train=False, norm=bn):
+    return ResNet38(self.width_div, self.dtype, norm, name='backbone')(x, train)

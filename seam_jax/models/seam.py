@@ -1,12 +1,10 @@
 """SEAM network: ResNet38 + CAM classifier + pixel correlation module (PCM) (SEAM_SPEC section 2)."""
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seam_jax import ops
-from seam_jax.models.resnet38 import ResNet38
+from seam_jax.common import ops
+from seam_jax.models.resnet38 import BackboneNet
 
 NEW_LAYERS = ('fc8', 'f8_3', 'f8_4', 'f9')
 
@@ -52,25 +50,85 @@ def pcm(cam, f, eps=1e-5):
   return rv.reshape(n, h, w, -1)
 
 
-class SEAM(nn.Module):
+class SEAM(BackboneNet):
   """NHWC normalised image -> (cam, cam_rv), each (N, H, W, 21) at input size (align_corners=True)."""
-  width_div: int = 1
   num_classes: int = 21
-  dtype: Any = jnp.float32
+
+  def pcm_features(self, d, xs):
+    """The PCM's features f9([image at stride 8, relu f8_3(conv4), relu f8_4(conv5)]), backbone not trained by
+    them."""
+    f8_3 = nn.relu(conv1x1(self.ch(64), 'f8_3', kaiming, self.dtype)(jax.lax.stop_gradient(d['conv4'])))
+    f8_4 = nn.relu(conv1x1(self.ch(128), 'f8_4', kaiming, self.dtype)(jax.lax.stop_gradient(d['conv5'])))
+    f = jnp.concatenate([xs.astype(jnp.float32), f8_3.astype(jnp.float32), f8_4.astype(jnp.float32)], axis=-1)
+    return conv1x1(self.ch(192), 'f9', xavier_gain4, self.dtype)(f)
+
+  def cam_head(self, h):
+    return conv1x1(self.num_classes, 'fc8', xavier(), self.dtype)(h).astype(jnp.float32)
 
   @nn.compact
   def __call__(self, x, train=False):
-    w = lambda c: max(c // self.width_div, 1)
-    d = ResNet38(self.width_div, self.dtype, name='backbone')(x, train)
-    h = nn.Dropout(0.5, broadcast_dims=(1, 2), deterministic=not train)(d['conv6'])
-    cam = conv1x1(self.num_classes, 'fc8', xavier(), self.dtype)(h).astype(jnp.float32)
-    size = cam.shape[1:3]
-    cdn = normalized_fg_cam(cam)
-    f8_3 = nn.relu(conv1x1(w(64), 'f8_3', kaiming, self.dtype)(jax.lax.stop_gradient(d['conv4'])))
-    f8_4 = nn.relu(conv1x1(w(128), 'f8_4', kaiming, self.dtype)(jax.lax.stop_gradient(d['conv5'])))
-    xs = ops.resize_bilinear(x.astype(jnp.float32), size, align_corners=True)
-    f = jnp.concatenate([xs, f8_3.astype(jnp.float32), f8_4.astype(jnp.float32)], axis=-1)
-    f = conv1x1(w(192), 'f9', xavier_gain4, self.dtype)(f)
-    rv = pcm(cdn, f)
+    d = self.features(x, train)
+    cam = self.cam_head(nn.Dropout(0.5, broadcast_dims=(1, 2), deterministic=not train)(d['conv6']))
+    xs = ops.resize_bilinear(x.astype(jnp.float32), cam.shape[1:3], align_corners=True)
+    rv = pcm(normalized_fg_cam(cam), self.pcm_features(d, xs))
     out = x.shape[1:3]
     return ops.resize_bilinear(cam, out), ops.resize_bilinear(rv, out)
+
+
+# ------------------------------------------------------------------------- exact inference on zero-padded views
+def _level_sizes(n):
+  """Spatial sizes reached from n by successive stride-2 steps (ceil(n / 2) each)."""
+  sizes = [n]
+  while sizes[-1] > 1:
+    sizes.append(-(-sizes[-1] // 2))
+  return sizes
+
+
+def valid_mask(valid, full_hw, hw):
+  """(B, h, w, 1) bool: the valid region of each view at feature size `hw`, reached from the padded input size
+  `full_hw` by k stride-2 steps; `valid` (B, 2) holds the unpadded (H, W), valid size at level k = ceil(H / 2^k)."""
+  masks = []
+  for axis in range(2):
+    k = _level_sizes(full_hw[axis]).index(hw[axis])
+    n = (valid[:, axis] + 2 ** k - 1) // 2 ** k
+    masks.append(jnp.arange(hw[axis])[None, :] < n[:, None])
+  return (masks[0][:, :, None] & masks[1][:, None, :])[..., None]
+
+
+def _mask_spatial_conv_inputs(valid, full_hw):
+  """Flax interceptor: zero the padding of the input of every conv with a kernel larger than 1x1."""
+  def interceptor(next_fn, args, kwargs, context):
+    mod = context.module
+    if isinstance(mod, nn.Conv) and context.method_name == '__call__' and max(mod.kernel_size) > 1:
+      x = args[0]
+      args = (x * valid_mask(valid, full_hw, x.shape[1:3]).astype(x.dtype),) + tuple(args[1:])
+    return next_fn(*args, **kwargs)
+  return interceptor
+
+
+class PaddedSEAM(SEAM):
+  """SEAM's eval forward on zero-padded views, exact on each view's valid region (same parameters as SEAM).
+
+  The masks reach inside the network: every spatial conv's input is zeroed outside the view's valid region at its
+  resolution (the zeros the conv's own padding would give), and the CAM and the PCM features are zeroed outside it
+  at stride 8 (the PCM and its max-normalisation are global over pixels); the stride-8 cam_rv is returned before
+  SEAM's upsampling. x (B, Hp, Wp, 3) normalised padded views, valid (B, 2) unpadded (H, W), xs (B, Hp/8, Wp/8, 3)
+  each view resized to its stride-8 size (align_corners=True), zero-padded. Returns cam_rv channels 1..20 at
+  stride 8, (B, Hp/8, Wp/8, 20) float32, meaningful on [:ceil(H/8), :ceil(W/8)]. branch 'cam' returns the
+  classifier's CAM channels 1..20 instead (the plain-CAM baseline).
+  """
+  branch: str = 'cam_rv'
+
+  @nn.compact
+  def __call__(self, x, valid, xs):  # pylint: disable=arguments-renamed
+    if self.branch not in ('cam_rv', 'cam'):
+      raise ValueError(f'unknown CAM branch {self.branch!r}: expected cam_rv or cam')
+    with nn.intercept_methods(_mask_spatial_conv_inputs(valid, x.shape[1:3])):
+      d = self.features(x)
+    cam = self.cam_head(d['conv6'])
+    if self.branch == 'cam':
+      return cam[..., 1:]
+    m8 = valid_mask(valid, x.shape[1:3], d['conv6'].shape[1:3])
+    cdn = normalized_fg_cam(jnp.where(m8, cam, 0.))  # relu'd max over valid pixels only
+    rv = pcm(cdn, jnp.where(m8, self.pcm_features(d, xs), 0))  # zero features: padding pixels have zero affinity
+    return rv[..., 1:]

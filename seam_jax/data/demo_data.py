@@ -1,0 +1,394 @@
+"""A small offline data set in the exact PASCAL VOC 2012 layout (SEAM_SPEC section 8), generated from a seed.
+
+Two styles (Style): the hard set (default) draws each of the 20 classes as a distinct rotated shape filled with a
+distinct texture in a class hue (jittered); an image holds 1-4 objects of 15-50% of its shorter side over a
+cluttered background, later objects occluding earlier ones. The plain set (plain=True, configs/demo.py) draws a few
+classes as flat discs of one RGB-cube colour each, 1-2 per image, on grey pixel noise: the one a from-scratch
+ResNet38 learns in minutes on a CPU (measured: the hard set, and even flat discs in equal-value hues, leave the
+classification loss at the label prior for hundreds of steps). In both, masks are exactly what is drawn, with 255
+on a 2 px band along every instance boundary as in VOC. Objects left with too few visible pixels are not drawn at
+all, so the classes of the XML objects equal the classes of the mask and both label sources (`label_source` 'xml'
+or 'masks') agree. Every image depends only on (seed, index, style): the output is byte-identical with or without a
+process pool.
+
+  python -m seam_jax.data.demo_data --root work_dirs/demo/VOC2012 --seed 0
+"""
+import colorsys
+import functools
+import os
+import sys
+import time
+from typing import NamedTuple, Tuple
+import xml.etree.ElementTree as ET
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image, ImageDraw
+
+from seam_jax.common import errors, files, pools
+from seam_jax.data import voc
+
+NUM_OBJECTS_P = (0.3, 0.3, 0.25, 0.15)  # P(1, 2, 3, 4 objects)
+MIN_VISIBLE_PX = 30                     # non-void pixels an object needs to be kept ...
+MIN_VISIBLE_FRAC = 0.2                  # ... and this fraction of its in-image area
+DIFFICULT_P = 0.1                       # extra objects marked <difficult> at random
+SPLITS = ('train', 'val', 'aug')        # aug: "SBD-only" ids, in SegmentationClassAug but in no VOC list
+ALL_CLASSES = tuple(range(1, voc.NUM_FG + 1))
+
+
+class Style(NamedTuple):
+  """How hard the set is. classes: the VOC class indices drawn; object_scale: (min, max) object diameter / shorter
+  image side; clutter: strength of the background colour noise, lines and class-less shapes (0 = smooth)."""
+  classes: Tuple[int, ...] = ALL_CLASSES
+  object_scale: Tuple[float, float] = (0.15, 0.5)
+  clutter: float = 1.0
+  plain: bool = False   # flat discs, one PLAIN_COLOURS entry per class (in `classes` order), 1-2 per image, on
+                        # grey pixel noise: a set a from-scratch ResNet38 learns in minutes on a CPU (the demo's)
+
+
+PLAIN_OBJECTS_P = (0.5, 0.5)
+# Corners of the RGB cube: each colour is one linear threshold away from the others. (Equal-value hues such as
+# chartreuse/cyan/violet are NOT learnt by a from-scratch ResNet38 in a few hundred steps: measured, loss stays at
+# the label prior.)
+PLAIN_COLOURS = ((220, 40, 40), (40, 200, 40), (40, 60, 230), (230, 210, 30), (210, 40, 210), (40, 200, 210))
+
+
+# Shapes: boolean functions of unit object coordinates (u, v), radius ~1.
+def _polygon(n):
+  def inside(u, v):
+    a = np.arctan2(v, u)
+    return np.hypot(u, v) * np.cos(np.mod(a, 2 * np.pi / n) - np.pi / n) <= np.cos(np.pi / n)
+  return inside
+
+
+def _star(n, inner):
+  def inside(u, v):
+    tip = np.abs(2 * np.mod(np.arctan2(v, u) * n / (2 * np.pi), 1.) - 1)  # 1 at the tips, 0 between
+    return np.hypot(u, v) <= inner + (1 - inner) * tip
+  return inside
+
+
+def _box(u, v, x0, x1, y0, y1):
+  return (u >= x0) & (u <= x1) & (v >= y0) & (v <= y1)
+
+
+_SHAPES = (
+    lambda u, v: _box(u, v, -1, 1, -.3, .3) | _box(u, v, -.3, .3, -1, 1),                  # cross
+    lambda u, v: (np.hypot(u, v) <= 1) & (np.hypot(u, v) >= .55),                          # ring
+    _polygon(3),                                                                           # triangle
+    lambda u, v: (np.hypot(u, v) <= 1) & (v >= -.15),                                      # half disk
+    lambda u, v: _box(u, v, -.4, .4, -.6, .6) | (np.hypot(u, np.abs(v) - .6) <= .4),       # capsule
+    lambda u, v: _box(u, v, -1, 1, -.55, .55),                                             # rectangle
+    lambda u, v: (np.abs(v) <= .55) & (np.abs(u) <= .95 - .55 * (v + .55)),                # trapezoid
+    _star(5, .4),                                                                          # star
+    lambda u, v: _box(u, v, -1, -.3, -1, 1) | _box(u, v, -1, 1, .3, 1),                    # L
+    lambda u, v: u ** 2 + (v / .6) ** 2 <= 1,                                              # ellipse
+    lambda u, v: _box(u, v, -1, 1, -1, -.45) | _box(u, v, -.28, .28, -1, 1),               # T
+    _polygon(6),                                                                           # hexagon
+    lambda u, v: (np.hypot(u, v) <= 1) & (np.hypot(u - .45, v) > .75),                     # crescent
+    lambda u, v: (np.abs(u) <= 1) & (np.abs(v) <= .9 * np.abs(u) + .12),                   # bow tie
+    _star(4, .3),                                                                          # sparkle
+    lambda u, v: np.hypot(u, v) <= .68 + .32 * np.cos(6 * np.arctan2(v, u)),               # flower
+    lambda u, v: _box(u, v, -1, 1, -1, 1) & ~_box(u, v, -.5, .5, -.5, .5),                 # frame
+    _polygon(5),                                                                           # pentagon
+    lambda u, v: np.abs(u) + np.abs(v) / .6 <= 1,                                          # rhombus
+    lambda u, v: _box(u, v, -1, .2, -.25, .25) | ((u >= .2) & (np.abs(v) <= .7 * (1 - u) / .8)),  # arrow
+)
+
+
+# Textures: functions of object-frame pixel coordinates (x, y), radius s and rng -> blend weight in [0, 1].
+def _stripes(deg, p):
+  c, s_ = np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))
+  return lambda x, y, s, rng: np.mod(x * c + y * s_, p) < p / 2
+
+
+def _checker(p):
+  return lambda x, y, s, rng: np.mod(np.floor(x / p) + np.floor(y / p), 2) > 0
+
+
+def _dots(p, r):
+  return lambda x, y, s, rng: np.hypot(np.mod(x, p) - p / 2, np.mod(y, p) - p / 2) < r
+
+
+def _grid(p, w):
+  return lambda x, y, s, rng: (np.mod(x, p) < w) | (np.mod(y, p) < w)
+
+
+def _rings(p):
+  return lambda x, y, s, rng: np.mod(np.hypot(x, y), p) < p / 2
+
+
+def _waves(p):
+  return lambda x, y, s, rng: np.mod(y + .35 * p * np.sin(2 * np.pi * x / p), p) < p / 2
+
+
+def _gradient(deg):
+  c, s_ = np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))
+  return lambda x, y, s, rng: np.clip((x * c + y * s_) / (2 * s) + .5, 0, 1)
+
+
+def _radial():
+  return lambda x, y, s, rng: np.clip(np.hypot(x, y) / s, 0, 1)
+
+
+def _speckle(density):
+  return lambda x, y, s, rng: rng.random(x.shape) < density
+
+
+def _solid():
+  return lambda x, y, s, rng: np.zeros(x.shape)
+
+
+_TEXTURES = (_stripes(0, 6), _checker(5), _dots(6, 1.8), _gradient(0), _stripes(45, 5), _grid(7, 2), _rings(6),
+             _waves(7), _speckle(.35), _radial(), _stripes(90, 9), _checker(8), _dots(9, 3), _stripes(135, 4),
+             _solid(), _grid(5, 1), _waves(4), _rings(10), _speckle(.65), _gradient(90))
+assert len(_SHAPES) == len(_TEXTURES) == voc.NUM_FG
+
+
+def _hsv(h, s, v):
+  return np.array(colorsys.hsv_to_rgb(h % 1., s, v), np.float32) * 255
+
+
+def _frame(h, w, cx, cy, theta):
+  """Pixel-centre coordinates rotated into the object frame."""
+  yy, xx = np.mgrid[:h, :w].astype(np.float32) + .5
+  dx, dy = xx - cx, yy - cy
+  c, s = np.cos(theta), np.sin(theta)
+  return dx * c + dy * s, dy * c - dx * s
+
+
+def _sample_object(rng, cls, h, w, style):
+  """One object of class `cls` (1..20) at a random pose: (in-image boolean mask, full-frame RGB fill)."""
+  s = rng.uniform(*style.object_scale) * min(h, w) / 2
+  cx, cy = rng.uniform(.15, .85) * w, rng.uniform(.15, .85) * h
+  if style.plain:
+    x, y = _frame(h, w, cx, cy, 0.)
+    colour = np.array(PLAIN_COLOURS[style.classes.index(cls)], np.float32)
+    return np.hypot(x, y) <= s, np.broadcast_to(colour, (h, w, 3))
+  aspect = rng.uniform(.85, 1.15)
+  x, y = _frame(h, w, cx, cy, rng.uniform(0, 2 * np.pi))
+  mask = _SHAPES[cls - 1](x / s, y / (s * aspect))
+  hue = (cls - 1) / voc.NUM_FG + rng.uniform(-.012, .012)
+  sat, val = rng.uniform(.55, .9), rng.uniform(.65, .95)
+  a = _hsv(hue, sat, val)
+  b = _hsv(hue, sat, val * .35) if cls % 2 else _hsv(hue, sat * .25, min(1., val + .3))
+  t = _TEXTURES[cls - 1](x, y, s, rng).astype(np.float32)[..., None]
+  return mask, a * (1 - t) + b * t
+
+
+def _background(rng, h, w, clutter):
+  """Low-contrast clutter (x `clutter`): smooth colour noise, random lines and irregular polygons of no class."""
+  base = _hsv(rng.random(), rng.uniform(0, .3), rng.uniform(.35, .8))
+  low = rng.uniform(0, 255, (rng.integers(3, 7), rng.integers(3, 7), 3)).astype(np.uint8)
+  low = np.asarray(Image.fromarray(low).resize((w, h), Image.BILINEAR), np.float32)
+  img = np.clip(base + .35 * clutter * (low - 128), 0, 255)
+  shapes = Image.fromarray(img.astype(np.uint8))
+  draw = ImageDraw.Draw(shapes)
+  for _ in range(rng.integers(2, 6)):
+    draw.line([tuple(p) for p in rng.uniform(0, (w, h), (rng.integers(2, 4), 2))],
+              fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=int(rng.integers(1, 4)))
+  for _ in range(rng.integers(1, 5)):
+    n = rng.integers(5, 10)
+    ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+    rad = rng.uniform(.3, 1, n) * rng.uniform(.1, .3) * min(h, w)
+    c = rng.uniform(0, (w, h))
+    draw.polygon([tuple(p) for p in c + rad[:, None] * np.stack([np.cos(ang), np.sin(ang)], 1)],
+                 fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+  return (1 - .35 * clutter) * img + .35 * clutter * np.asarray(shapes, np.float32)
+
+
+def _boundary(inst):
+  """Pixels whose 8-neighbourhood holds another instance (or background): a 2 px band along every boundary."""
+  h, w = inst.shape
+  p = np.pad(inst, 1, mode='edge')
+  band = np.zeros(inst.shape, bool)
+  for dy in range(3):
+    for dx in range(3):
+      band |= p[dy:dy + h, dx:dx + w] != inst
+  return band
+
+
+def _resolve_occlusion(masks):
+  """Paint masks in order; drop objects with too few visible non-void pixels until all kept ones show."""
+  keep = list(range(len(masks)))
+  while True:
+    inst = np.full(masks[0].shape, -1, np.int32)
+    for i in keep:
+      inst[masks[i]] = i
+    band = _boundary(inst)
+    interior = np.bincount(inst[~band & (inst >= 0)], minlength=len(masks))
+    ok = [i for i in keep if interior[i] >= max(MIN_VISIBLE_PX, MIN_VISIBLE_FRAC * masks[i].sum())]
+    if ok == keep:
+      return inst, band, keep
+    keep = ok
+
+
+def render(seed, index, primary, image_size, style=Style()):
+  """Image `index` of the set: (RGB uint8 HxWx3, mask uint8 HxW, objects [(class, bbox, truncated, difficult)]).
+
+  `primary` (1..20) is drawn last, so always visible; 0-3 more objects of random `style.classes` go below it.
+  bbox = 1-based inclusive (xmin, ymin, xmax, ymax) of the visible pixels, as in VOC.
+  """
+  rng = np.random.default_rng([seed, index])
+  h, w = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, 2))
+  img = rng.normal(128, 20, (h, w, 3)) if style.plain else _background(rng, h, w, style.clutter)
+  n_p = PLAIN_OBJECTS_P if style.plain else NUM_OBJECTS_P
+  while True:
+    n = rng.choice(len(n_p), p=n_p) + 1
+    drawn = [int(style.classes[k]) for k in rng.integers(0, len(style.classes), n - 1)] + [primary]
+    objs = [_sample_object(rng, c, h, w, style) for c in drawn]
+    inst, band, keep = _resolve_occlusion([m for m, _ in objs])
+    if keep and keep[-1] == n - 1:
+      break
+  lut = np.zeros(n + 1, np.uint8)
+  objects = []
+  for i in keep:
+    vis = inst == i
+    img[vis] = objs[i][1][vis]
+    lut[i + 1] = drawn[i]
+    ys, xs = np.nonzero(vis)
+    bbox = (int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1)
+    truncated = bbox[0] == 1 or bbox[1] == 1 or bbox[2] == w or bbox[3] == h
+    difficult = bool(rng.random() < DIFFICULT_P or vis.sum() < .4 * objs[i][0].sum())
+    objects.append((drawn[i], bbox, truncated, difficult))
+  mask = lut[inst + 1]
+  mask[band] = voc.IGNORE
+  img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+  return img, mask, objects
+
+
+def annotation_xml(image_id, size_hw, objects, segmented):
+  """VOC-style Annotations/<id>.xml text for `objects` as returned by render()."""
+  root = ET.Element('annotation')
+  for tag, text in (('folder', 'VOC2012'), ('filename', image_id + '.jpg')):
+    ET.SubElement(root, tag).text = text
+  ET.SubElement(ET.SubElement(root, 'source'), 'database').text = 'seam_jax synthetic demo'
+  size = ET.SubElement(root, 'size')
+  for tag, v in zip(('width', 'height', 'depth'), (size_hw[1], size_hw[0], 3)):
+    ET.SubElement(size, tag).text = str(v)
+  ET.SubElement(root, 'segmented').text = str(int(segmented))
+  for cls, bbox, truncated, difficult in objects:
+    obj = ET.SubElement(root, 'object')
+    for tag, text in (('name', voc.CLASSES[cls]), ('pose', 'Unspecified'), ('truncated', str(int(truncated))),
+                      ('difficult', str(int(difficult)))):
+      ET.SubElement(obj, tag).text = text
+    box = ET.SubElement(obj, 'bndbox')
+    for tag, v in zip(('xmin', 'ymin', 'xmax', 'ymax'), bbox):
+      ET.SubElement(box, tag).text = str(v)
+  ET.indent(root, '\t')
+  return ET.tostring(root, encoding='unicode') + '\n'
+
+
+def _make_one(root, seed, image_size, style, item):
+  """Render and write every file of one id; returns its record for the summary."""
+  index, image_id, split, primary = item
+  img, mask, objects = render(seed, index, primary, image_size, style)
+  files.atomic_write(os.path.join(root, 'JPEGImages', image_id + '.jpg'),  # pylint: disable=protected-access
+              lambda f: Image.fromarray(img).save(f, format='JPEG', quality=95))
+  if split != 'aug':
+    files.save_label_png(os.path.join(root, 'SegmentationClass', image_id + '.png'), mask)
+  files.save_label_png(os.path.join(root, 'SegmentationClassAug', image_id + '.png'), mask)
+  files.atomic_write_text(os.path.join(root, 'Annotations', image_id + '.xml'),
+                        annotation_xml(image_id, mask.shape, objects, split != 'aug'))
+  return {'id': image_id, 'split': split, 'classes': sorted({o[0] for o in objects}),
+          'objects': len(objects), 'difficult': sum(o[3] for o in objects)}
+
+
+def plan(seed, num_train, num_val, num_aug, classes=ALL_CLASSES):
+  """[(index, id, split, primary class)] in index order; primary classes cycle through shuffled `classes` per split."""
+  n = num_train + num_val + num_aug
+  ids = [f'{2007 + k % 6}_{k:06d}' for k in range(n)]
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(n)
+  split_of = np.repeat(np.arange(3), (num_train, num_val, num_aug))[np.argsort(order)]
+  primary = np.zeros(n, int)
+  for s in range(3):
+    members = sorted(np.flatnonzero(split_of == s), key=ids.__getitem__)
+    cycle = [c for _ in range(-(-len(members) // len(classes))) for c in rng.permutation(classes)]
+    primary[members] = cycle[:len(members)]
+  return [(k, ids[k], SPLITS[split_of[k]], int(primary[k])) for k in range(n)]
+
+
+def _check_args(num_train, num_val, num_aug, image_size, style):
+  for key, v, lo in (('num_train', num_train, 1), ('num_val', num_val, 1), ('num_aug', num_aug, 0)):
+    if int(v) != v or v < lo:
+      raise errors.DataError(f'demo data: {key} must be an integer >= {lo}, got {v!r}')
+  if len(image_size) != 2 or not 32 <= image_size[0] <= image_size[1]:
+    raise errors.DataError(f'demo data: image_size must be (min, max) with 32 <= min <= max, got {image_size!r}')
+  c = style.classes
+  if not c or len(set(c)) != len(c) or not set(c) <= set(ALL_CLASSES):
+    raise errors.DataError(f'demo data: classes must be distinct class indices in 1..{voc.NUM_FG}, got {c!r}')
+  if not 0 < style.object_scale[0] <= style.object_scale[1] <= 1:
+    raise errors.DataError(f'demo data: object_scale must be (min, max) with 0 < min <= max <= 1, got {style.object_scale!r}')
+  if style.plain and len(c) > len(PLAIN_COLOURS):
+    raise errors.DataError(f'demo data: a plain set has at most {len(PLAIN_COLOURS)} classes, got {len(c)}')
+  if not 0 <= style.clutter <= 1:
+    raise errors.DataError(f'demo data: clutter must be in [0, 1], got {style.clutter!r}')
+
+
+def _check_root(root, ids):
+  """Refuse a root that holds images other than `ids` (a real VOC folder, or a bigger demo set)."""
+  jpg_dir = os.path.join(root, 'JPEGImages')
+  stale = sorted(set(os.listdir(jpg_dir)) - {i + '.jpg' for i in ids}) if os.path.isdir(jpg_dir) else []
+  if stale:
+    raise errors.DataError(f'demo data: {jpg_dir} already holds other images (e.g. {stale[0]}); use an empty --root')
+
+
+def generate(root, num_train=160, num_val=40, num_aug=40, image_size=(96, 128), seed=0, workers=0,
+             classes=ALL_CLASSES, object_scale=(0.15, 0.5), clutter=1.0, plain=False):
+  """Write the demo set under `root` (VOC2012 layout) and return a summary (counts, per-split class histograms).
+
+  Class histogram = number of images containing each class (from the masks, equal to the XML names).
+  """
+  image_size = tuple(int(v) for v in image_size)
+  style = Style(tuple(int(c) for c in classes), tuple(float(v) for v in object_scale), float(clutter), bool(plain))
+  _check_args(num_train, num_val, num_aug, image_size, style)
+  items = plan(seed, num_train, num_val, num_aug, style.classes)
+  _check_root(root, [it[1] for it in items])
+  make = functools.partial(_make_one, root, seed, image_size, style)
+  records = list(pools.pool_imap(make, items, max(int(workers), 1), chunksize=8, desc='demo data'))
+  seg_dir = os.path.join(root, 'ImageSets', 'Segmentation')
+  lists = {s: sorted(r['id'] for r in records if r['split'] == s) for s in SPLITS}
+  voc.write_list(os.path.join(seg_dir, 'train.txt'), lists['train'])
+  voc.write_list(os.path.join(seg_dir, 'val.txt'), lists['val'])
+  voc.write_list(os.path.join(seg_dir, 'trainval.txt'), sorted(lists['train'] + lists['val']))
+  hist = {s: dict.fromkeys(voc.CLASSES[1:], 0) for s in SPLITS + ('all',)}
+  for r in records:
+    for c in r['classes']:
+      hist[r['split']][voc.CLASSES[c]] += 1
+      hist['all'][voc.CLASSES[c]] += 1
+  return {'root': root, 'seed': seed, 'num_images': len(records),
+          'num_train': len(lists['train']), 'num_val': len(lists['val']), 'num_aug': len(lists['aug']),
+          'num_objects': sum(r['objects'] for r in records),
+          'num_difficult': sum(r['difficult'] for r in records), 'class_hist': hist}
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  t0 = time.time()
+  try:
+    s = generate(f.root, f.num_train, f.num_val, f.num_aug, [int(v) for v in f.image_size], f.seed, f.workers,
+                 [int(v) for v in f.classes], [float(v) for v in f.object_scale], f.clutter, f.plain)
+  except errors.DataError as e:
+    sys.exit(str(e))
+  print(f"wrote {s['num_images']} images ({s['num_train']} train, {s['num_val']} val, {s['num_aug']} aug-only), "
+        f"{s['num_objects']} objects ({s['num_difficult']} difficult) under {f.root} in {time.time() - t0:.1f} s")
+  print('images per class:', ' '.join(f'{k}={v}' for k, v in s['class_hist']['all'].items()))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('root', None, 'output folder (the VOC2012 folder of the demo set)')
+  flags.DEFINE_integer('seed', 0, 'generator seed')
+  flags.DEFINE_integer('num_train', 160, 'ids in ImageSets/Segmentation/train.txt')
+  flags.DEFINE_integer('num_val', 40, 'ids in ImageSets/Segmentation/val.txt')
+  flags.DEFINE_integer('num_aug', 40, 'extra "SBD-only" ids (SegmentationClassAug, no VOC list)')
+  flags.DEFINE_list('image_size', ['96', '128'], 'min,max of each image side')
+  flags.DEFINE_list('classes', [str(c) for c in ALL_CLASSES], 'VOC class indices (1..20) the set draws from')
+  flags.DEFINE_list('object_scale', ['0.15', '0.5'], 'min,max object diameter / shorter image side')
+  flags.DEFINE_float('clutter', 1.0, 'background clutter strength in [0, 1] (hard set)')
+  flags.DEFINE_bool('plain', False, 'the plain set: flat colour discs on grey noise (configs/demo.py)')
+  flags.DEFINE_integer('workers', 0, 'process pool size (0: in-process); the output is the same')
+  flags.mark_flag_as_required('root')
+  app.run(main)

@@ -1,0 +1,195 @@
+"""Data preparation (SEAM_SPEC sections 0 and 8): list files, image-level labels, and one check of every input.
+
+Writes to config.data.list_dir: train.txt / val.txt (VOC ImageSets/Segmentation), train_aug.txt (SBD train + val,
+or every id with a SegmentationClassAug mask when no sbd_root is given, plus VOC train, minus VOC val; sorted), and
+config.data.cls_labels (np.save of a dict id -> float32[20] for train_aug + val ids), built from the XML
+annotations (every object name, difficult ones included: the original) or from the SegmentationClassAug masks
+(classes present but 0 and 255), per config.data.label_source. Every listed image and mask is decoded once in a
+process pool; a bad file raises DataError naming it, or with on_error='skip' is logged and its id dropped.
+"""
+import dataclasses
+import os
+import xml.etree.ElementTree as ET
+
+from absl import logging
+import numpy as np
+
+from seam_jax import layout
+from seam_jax.common import errors, files, pools
+from seam_jax.data import voc
+
+LIST_NAMES = ('train_aug', 'train', 'val')
+LABEL_SOURCES = ('xml', 'masks')
+_CLASS_INDEX = {name: k for k, name in enumerate(voc.CLASSES[1:])}
+
+
+def voc_path(voc_root, folder, image_id):
+  ext = {'JPEGImages': '.jpg', 'Annotations': '.xml'}.get(folder, '.png')
+  return os.path.join(voc_root, folder, image_id + ext)
+
+
+def xml_label(path):
+  """Multi-hot float32[20] of every `name` tag of a VOC annotation that is a class name (the original's rule)."""
+  if not os.path.isfile(path):
+    raise errors.DataError(f'annotation not found: {path}')
+  try:
+    root = ET.parse(path).getroot()
+  except (ET.ParseError, OSError) as e:
+    raise errors.DataError(f'cannot parse annotation {path}: {e}') from None
+  label = np.zeros(voc.NUM_FG, np.float32)
+  for el in root.iter('name'):
+    k = _CLASS_INDEX.get((el.text or '').strip())
+    if k is not None:
+      label[k] = 1.
+  return label
+
+
+def mask_label(mask):
+  """Multi-hot float32[20] of the classes present in a class-index mask (0 and 255 excluded)."""
+  label = np.zeros(voc.NUM_FG, np.float32)
+  present = np.unique(mask)
+  present = present[(present >= 1) & (present <= voc.NUM_FG)]
+  label[present.astype(int) - 1] = 1.
+  return label
+
+
+def build_lists(voc_root, sbd_root=''):
+  """{'train_aug', 'train', 'val'} id lists (section 8); train/val keep the order of ImageSets/Segmentation."""
+  seg = os.path.join(voc_root, 'ImageSets', 'Segmentation')
+  train, val = voc.read_list(os.path.join(seg, 'train.txt')), voc.read_list(os.path.join(seg, 'val.txt'))
+  if sbd_root:
+    sbd = voc.read_list(os.path.join(sbd_root, 'train.txt')) + voc.read_list(os.path.join(sbd_root, 'val.txt'))
+  else:
+    aug_dir = os.path.join(voc_root, 'SegmentationClassAug')
+    if not os.path.isdir(aug_dir):
+      raise errors.DataError(f'no SBD ids: {aug_dir} does not exist and config.data.sbd_root is not set')
+    sbd = [os.path.splitext(f)[0] for f in os.listdir(aug_dir) if f.endswith('.png')]
+  train_aug = sorted((set(sbd) | set(train)) - set(val))
+  return {'train_aug': train_aug, 'train': train, 'val': val}
+
+
+@dataclasses.dataclass
+class Checked:
+  """Result of checking one id: labels from each source that was readable, and problems (each names a file)."""
+  image_id: str
+  xml: np.ndarray | None = None
+  mask: np.ndarray | None = None
+  errors: list = dataclasses.field(default_factory=list)
+
+
+def check_id(voc_root, label_source, item):
+  """Decode the image, the VOC mask (ids of train/val), the SegmentationClassAug mask and the annotation of one id.
+
+  The label source's file must exist; the other source is read when present (to compare the two).
+  """
+  image_id, in_voc_seg = item
+  out = Checked(image_id)
+
+  def attempt(fn, *args):
+    try:
+      return fn(*args)
+    except errors.DataError as e:
+      out.errors.append(str(e))
+      return None
+
+  attempt(files.load_image, voc_path(voc_root, 'JPEGImages', image_id))
+  if in_voc_seg:
+    attempt(voc.load_mask, voc_path(voc_root, 'SegmentationClass', image_id))
+  aug = voc_path(voc_root, 'SegmentationClassAug', image_id)
+  if label_source == 'masks' or os.path.exists(aug):
+    m = attempt(voc.load_mask, aug)
+    out.mask = None if m is None else mask_label(m)
+  ann = voc_path(voc_root, 'Annotations', image_id)
+  if label_source == 'xml' or os.path.exists(ann):
+    out.xml = attempt(xml_label, ann)
+  return out
+
+
+def check_all(voc_root, items, label_source, workers=0):
+  """check_id over [(id, in_voc_seg)] with a process pool of `workers` (0: in this process), in order."""
+  fn = _CheckFn(voc_root, label_source)
+  return list(pools.pool_imap(fn, items, max(int(workers), 1), desc='check files'))
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckFn:  # picklable partial of check_id
+  voc_root: str
+  label_source: str
+
+  def __call__(self, item):
+    return check_id(self.voc_root, self.label_source, item)
+
+
+def _few(ids, n=5):
+  return ', '.join(ids[:n]) + (' ...' if len(ids) > n else '')
+
+
+def prepare(config, workers=0):
+  """Build, check and write the lists and cls_labels.npy (seam_jax.layout); returns a summary dict (also logged)."""
+  d = config.data
+  voc_root, list_dir, cls_labels = layout.voc_root(config), layout.list_dir(config), layout.cls_labels(config)
+  if d.label_source not in LABEL_SOURCES:
+    raise errors.DataError(f'config.data.label_source must be one of {LABEL_SOURCES}, got {d.label_source!r}')
+  if d.on_error not in ('raise', 'skip'):
+    raise errors.DataError(f"config.data.on_error must be 'raise' or 'skip', got {d.on_error!r}")
+  lists = build_lists(voc_root, d.sbd_root)
+  seg_ids = set(lists['train']) | set(lists['val'])
+  all_ids = sorted(set(lists['train_aug']) | seg_ids)
+  checked = check_all(voc_root, [(i, i in seg_ids) for i in all_ids], d.label_source, workers)
+
+  bad = [c for c in checked if c.errors]
+  if bad and d.on_error == 'raise':
+    more = f' (and {len(bad) - 1} more ids with problems)' if len(bad) > 1 else ''
+    raise errors.DataError('; '.join(bad[0].errors) + more)
+  for c in bad:
+    for e in c.errors:
+      logging.warning('skipping id %s: %s', c.image_id, e)
+  dropped = {c.image_id for c in bad}
+  lists = {k: [i for i in v if i not in dropped] for k, v in lists.items()}
+
+  by_id = {c.image_id: c for c in checked if c.image_id not in dropped}
+  labelled = sorted(set(lists['train_aug']) | set(lists['val']))
+  field = 'xml' if d.label_source == 'xml' else 'mask'
+  labels = {i: getattr(by_id[i], field) for i in labelled}
+  mismatch = [i for i in labelled if by_id[i].xml is not None and by_id[i].mask is not None
+              and not np.array_equal(by_id[i].xml, by_id[i].mask)]
+  empty = [i for i in labelled if not labels[i].any()]
+
+  for name in LIST_NAMES:
+    voc.write_list(os.path.join(list_dir, name + '.txt'), lists[name])
+  files.save_npy_dict(cls_labels, labels)
+
+  summary = {'lists': {k: len(lists[k]) for k in LIST_NAMES}, 'labels': len(labels), 'skipped': sorted(dropped),
+             'label_mismatch': mismatch, 'empty_labels': empty}
+  logging.info('lists in %s: %s', list_dir, ', '.join(f'{k} {n} ids' for k, n in summary['lists'].items()))
+  logging.info('labels (%s) of %d ids -> %s', d.label_source, len(labels), cls_labels)
+  if dropped:
+    logging.warning('%d ids skipped for bad files: %s', len(dropped), _few(sorted(dropped)))
+  compared = sum(by_id[i].xml is not None and by_id[i].mask is not None for i in labelled)
+  logging.info('XML and mask labels differ on %d of %d ids compared%s', len(mismatch), compared,
+               f': {_few(mismatch)}' if mismatch else '')
+  if empty:
+    logging.warning('%d ids have no foreground class in their label: %s', len(empty), _few(empty))
+  return summary
+
+
+def demo_present(voc_root):
+  seg = os.path.join(voc_root, 'ImageSets', 'Segmentation')
+  return all(os.path.isfile(os.path.join(seg, f)) for f in ('train.txt', 'val.txt'))
+
+
+def make_demo(config, force=False, workers=0):
+  """Generate the demo set at layout.voc_root(config) from config.demo, unless one is there already (or `force`)."""
+  from seam_jax.data import demo_data  # pylint: disable=g-import-not-at-top
+  if 'demo' not in config:
+    raise errors.DataError('this config has no `demo` fields: use --config=configs/demo.py with --demo')
+  root = layout.voc_root(config)
+  if demo_present(root) and not force:
+    logging.info('demo set already at %s (pass --force_demo to regenerate)', root)
+    return None
+  g = config.demo
+  summary = demo_data.generate(root, num_train=g.num_train, num_val=g.num_val, num_aug=g.num_aug,
+                               image_size=tuple(g.image_size), seed=g.seed, workers=workers,
+                               **{k: g[k] for k in ('classes', 'object_scale', 'clutter', 'plain') if k in g})
+  logging.info('demo set: %d images under %s', summary['num_images'], root)
+  return summary

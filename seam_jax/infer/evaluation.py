@@ -1,0 +1,234 @@
+"""Segmentation evaluation: confusion matrices, IoU, and the CAM background-threshold curve (SEAM_SPEC section 5).
+
+Predictions are either `.png` label maps or `.npy` CAM dicts {class 0..19: HxW}. A CAM dict becomes a label map
+by the original's rule: a zero-filled (21, H, W) tensor, class c at channel c + 1, channel 0 = the threshold t,
+prediction = np.argmax (ties -> lowest index, so a tie with t goes to background). The original re-reads every file
+for each of its 60 thresholds; here one pass yields the confusion matrices of all thresholds at once (see
+`threshold_confusions`).
+
+Confusion matrices are (21, 22) int64 [gt, pred]: rows are gt classes (void 255 excluded), the extra last column
+counts gt pixels predicted as anything outside 0..20 (e.g. 255 in a PNG): they count in T_i but in no P_i, as in
+the original.
+"""
+import functools
+import json
+import os
+
+from absl import logging
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from seam_jax import layout
+from seam_jax.common import distributed, errors, files, pools
+from seam_jax.data import voc
+
+NC = voc.NUM_CLASSES
+EPS = 1e-10
+
+
+def thresholds(spec):
+  """(start, stop, step) -> float64 values start + i * step < stop, rounded to 10 decimals (0.03, not
+  0.030000000000000002: the original uses i / 100)."""
+  start, stop, step = (float(v) for v in spec)
+  if step <= 0 or stop <= start:
+    raise ValueError(f'bad eval.thresholds {spec}: need start < stop and step > 0')
+  n = int(np.ceil(round((stop - start) / step, 9)))
+  return np.array([round(start + i * step, 10) for i in range(n)])
+
+
+def confusion(gt, pred):
+  """(21, 22) counts of (gt, pred) over gt != 255; predictions outside 0..20 land in the last column."""
+  gt = np.asarray(gt).reshape(-1)
+  pred = np.asarray(pred).reshape(-1).astype(np.int64)
+  keep = gt != voc.IGNORE
+  pred = np.where((pred >= 0) & (pred < NC), pred, NC)[keep]
+  return np.bincount(gt[keep].astype(np.int64) * (NC + 1) + pred, minlength=NC * (NC + 1)).reshape(NC, NC + 1)
+
+
+def cam_tensor(cam_dict, hw, path='cam dict'):
+  """Zero-filled (20, H, W) float32 of a CAM dict (class c at channel c); checks keys and shapes."""
+  t = np.zeros((voc.NUM_FG,) + tuple(hw), np.float32)
+  for c, v in cam_dict.items():
+    if not (isinstance(c, (int, np.integer)) and 0 <= c < voc.NUM_FG):
+      raise errors.DataError(f'{path}: key {c!r} is not a foreground class index 0..19')
+    if np.shape(v) != tuple(hw):
+      raise errors.DataError(f'{path}: class {c} has shape {np.shape(v)}, ground truth is {tuple(hw)}')
+    t[c] = v
+  return t
+
+
+def cam_to_label(cam_dict, hw, bg):
+  """Label map (uint8 HxW) of a CAM dict with a constant background score `bg` (np.argmax semantics)."""
+  t = cam_tensor(cam_dict, hw)
+  return np.argmax(np.concatenate([np.full((1,) + tuple(hw), bg, np.float32), t]), 0).astype(np.uint8)
+
+
+def threshold_confusions(cam_dict, gt, ts, path='cam dict'):
+  """(T, 21, 22) confusion matrices of one CAM dict for every threshold of ascending `ts`, in one pass.
+
+  With m = max over the fg channels and a = their first argmax + 1, the prediction at threshold t is a if
+  float32(t) < m, else 0. So a pixel predicts a for the first n = #{t < m} thresholds and 0 after: one bincount of
+  (n, gt, a) and cumulative sums over n give every threshold's matrix.
+  """
+  t = cam_tensor(cam_dict, gt.shape, path)
+  keep = gt.reshape(-1) != voc.IGNORE
+  g = gt.reshape(-1)[keep].astype(np.int64)
+  m = t.max(0).reshape(-1)[keep]
+  a = t.argmax(0).reshape(-1)[keep].astype(np.int64) + 1
+  ts32 = np.asarray(ts, np.float32)
+  n = np.searchsorted(ts32, m, side='left')          # number of thresholds strictly below m
+  nt = len(ts32)
+  h = np.bincount((n * NC + g) * (NC + 1) + a, minlength=(nt + 1) * NC * (NC + 1)).reshape(nt + 1, NC, NC + 1)
+  cum = np.cumsum(h, axis=0)                         # cum[j] = pixels with n <= j: background at threshold j
+  conf = cum[-1][None] - cum[:nt]                    # n > j: predicted a
+  conf[:, :, 0] += cum[:nt].sum(-1)
+  return conf
+
+
+def scores(conf):
+  """IoU_i = TP/(T+P-TP+1e-10); mIoU over all 21 classes (QUIRK: absent classes count 0) and over present ones;
+  FP_i/union and FN_i/union as the original."""
+  conf = np.asarray(conf, np.float64)
+  tp = np.diag(conf[:, :NC])
+  t = conf.sum(1)
+  p = conf[:, :NC].sum(0)
+  union = t + p - tp + EPS
+  iou = tp / union
+  present = (t + p) > 0
+  return {'iou': iou, 'miou': float(iou.mean()),
+          'miou_present': float(iou[present].mean()) if present.any() else 0.,
+          'present': present, 'fp': (p - tp) / union, 'fn': (t - tp) / union}
+
+
+def score_dict_label(score_dict, hw, path='score dict'):
+  """Label map (uint8 HxW) of a dict {label 0..20: HxW score} (a CRF output: 0 = background): the key of the
+  highest score (first key in dict order at ties, np.argmax semantics)."""
+  keys = list(score_dict)
+  bad = [k for k in keys if not (isinstance(k, (int, np.integer)) and 0 <= k < NC)]
+  if not keys or bad:
+    raise errors.DataError(f'{path}: keys {keys!r} are not labels 0..{NC - 1}')
+  v = np.stack([np.asarray(score_dict[k], np.float32) for k in keys])
+  if v.shape[1:] != tuple(hw):
+    raise errors.DataError(f'{path}: scores have shape {v.shape[1:]}, ground truth is {tuple(hw)}')
+  return np.asarray(keys, np.uint8)[np.argmax(v, 0)]
+
+
+def _file_confusion(item, pred_type, ts):
+  """Confusion(s) of one id: (T, 21, 22) for npy CAM dicts, (1, 21, 22) for crf score dicts and png labels."""
+  pred_path, gt_path = item
+  gt = voc.load_mask(gt_path)
+  if pred_type in ('npy', 'crf'):
+    d = files.load_npy_dict(pred_path)
+    if not isinstance(d, dict):
+      raise errors.DataError(f'{pred_path} does not hold a dict class -> score map')
+    if pred_type == 'crf':
+      return confusion(gt, score_dict_label(d, gt.shape, pred_path))[None]
+    return threshold_confusions(d, gt, ts, pred_path)
+  if not os.path.isfile(pred_path):
+    raise errors.DataError(f'prediction not found: {pred_path}')
+  try:
+    with Image.open(pred_path) as im:
+      pred = np.asarray(im)
+  except Exception as e:  # noqa: BLE001
+    raise errors.DataError(f'cannot decode prediction {pred_path}: {e}') from None
+  if pred.shape != gt.shape:
+    raise errors.DataError(f'{pred_path} has shape {pred.shape}, ground truth {gt_path} is {gt.shape}')
+  return confusion(gt, pred)[None]
+
+
+def _chunk_confusion(items, pred_type, ts):
+  return sum(_file_confusion(it, pred_type, ts) for it in items), len(items)
+
+
+def accumulate(pred_dir, gt_dir, ids, pred_type='npy', ts=(1.,), workers=0, chunk=8):
+  """Summed confusion matrices over `ids`: (len(ts), 21, 22) for 'npy' (CAM dicts at every threshold), (1, 21, 22)
+  for 'crf' (argmax of {0: bg, c + 1: fg} score dicts, as written by seam_jax.infer.crf) and 'png' (label images).
+
+  Files are read in a process pool (spawn: no fork of a parent holding JAX threads); workers 0 = all cores,
+  1 = in-process. With several processes each reads its share of the ids and the integer matrices are summed
+  exactly across processes (every process returns the total). A missing prediction raises DataError naming the
+  file before any work starts (checked over all ids, so every process raises it).
+  """
+  if pred_type not in ('npy', 'crf', 'png'):
+    raise ValueError(f'eval.pred_type must be npy, crf or png, got {pred_type!r}')
+  if not ids:
+    raise errors.DataError('the evaluation list is empty')
+  ext = 'png' if pred_type == 'png' else 'npy'
+  items = [(os.path.join(pred_dir, f'{i}.{ext}'), os.path.join(gt_dir, f'{i}.png')) for i in ids]
+  missing = [p for p, _ in items if not os.path.isfile(p)]
+  if missing:
+    raise errors.DataError(f'{len(missing)} predictions missing, e.g. {missing[0]}')
+  items = distributed.process_share(items)
+  ts = np.asarray(ts, np.float64)
+  total = np.zeros((len(ts) if pred_type == 'npy' else 1, NC, NC + 1), np.int64)
+  chunks = [items[k:k + chunk] for k in range(0, len(items), chunk)]
+  fn = functools.partial(_chunk_confusion, pred_type=pred_type, ts=ts)
+  with tqdm(total=len(items), desc=f'eval {pred_type}', leave=False) as bar:
+    for conf, n in pools.pool_imap(fn, chunks, workers):
+      total += conf
+      bar.update(n)
+  return distributed.sum_over_processes(total, 'confusion')
+
+
+def summarize(confs, ts):
+  """results.json content: the mIoU curve, the best threshold and its per-class table and confusion matrix."""
+  all_scores = [scores(c) for c in confs]
+  best = int(np.argmax([s['miou'] for s in all_scores]))
+  s = all_scores[best]
+  table = {name: {'iou': float(s['iou'][i]), 'fp': float(s['fp'][i]), 'fn': float(s['fn'][i]),
+                  'present': bool(s['present'][i])} for i, name in enumerate(voc.CLASSES)}
+  out = {'miou': s['miou'], 'miou_present': s['miou_present'], 'per_class': table,
+         'confusion': confs[best].tolist(), 'confusion_layout': '[gt 0..20][pred 0..20, other]'}
+  if ts is not None:
+    out.update(thresholds=[float(t) for t in ts], miou_curve=[a['miou'] for a in all_scores],
+               miou_present_curve=[a['miou_present'] for a in all_scores], best_threshold=float(ts[best]))
+  return out
+
+
+def format_table(res):
+  lines = [f'{"class":<14}{"IoU":>8}{"FP/U":>8}{"FN/U":>8}']
+  for name, r in res['per_class'].items():
+    lines.append(f'{name:<14}{100 * r["iou"]:8.2f}{r["fp"]:8.3f}{r["fn"]:8.3f}' + ('' if r['present'] else '  absent'))
+  thr = f' at threshold {res["best_threshold"]:.2f}' if 'best_threshold' in res else ''
+  lines.append(f'mIoU{thr}: {100 * res["miou"]:.2f} (21 classes), {100 * res["miou_present"]:.2f} (present classes)')
+  return '\n'.join(lines)
+
+
+def plot_curve(res, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(res['thresholds'], [100 * v for v in res['miou_curve']], label='mIoU (21 classes)')
+  ax.plot(res['thresholds'], [100 * v for v in res['miou_present_curve']], '--', label='mIoU (present classes)')
+  ax.axvline(res['best_threshold'], color='gray', lw=0.8)
+  ax.set_xlabel('background threshold')
+  ax.set_ylabel('mIoU (%)')
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  with files.atomic_path(path, '.png') as tmp:
+    fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+
+
+def evaluate(config):
+  """Evaluate config.eval.pred_dir ('' = infer.cam_dir) on config.eval.list; write results.json (+ curve PNG).
+  With several processes all share the reading, process 0 writes, and all return the same results."""
+  e = config.eval
+  ids = layout.read_ids(config, e.list)
+  pred_dir, gt_dir, out_dir = layout.eval_pred_dir(config), layout.gt_dir(config), layout.eval_dir(config)
+  ts = thresholds(e.thresholds) if e.pred_type == 'npy' else None
+  confs = accumulate(pred_dir, gt_dir, ids, e.pred_type, ts if ts is not None else (1.,), e.workers)
+  res = summarize(confs, ts)
+  res.update(pred_dir=pred_dir, gt_dir=gt_dir, pred_type=e.pred_type, num_images=len(ids))
+  if distributed.is_main():
+    files.atomic_write_text(os.path.join(out_dir, 'results.json'), json.dumps(res, indent=1))
+    if ts is not None:
+      plot_curve(res, os.path.join(out_dir, 'miou_curve.png'))
+    print(format_table(res))
+    logging.info('evaluated %d images of %s: mIoU %.2f; results in %s', len(ids), pred_dir, 100 * res['miou'],
+                 out_dir)
+  distributed.barrier('evaluation')
+  return res

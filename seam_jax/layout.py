@@ -1,0 +1,175 @@
+"""Where every stage reads and writes: the one owner of the run's paths.
+
+Every output folder derives from `config.workdir`; a path field set explicitly in the config ('' = derived)
+overrides the derived one. The run folder:
+
+  <workdir>/VOC2012/              the generated demo set (demo configs; real runs set data.voc_root)
+  <workdir>/lists/                train_aug.txt, train.txt, val.txt, cls_labels.npy          (prepare)
+  <workdir>/seam/                 ckpt/, export/, metrics.jsonl, tb/                         (train)
+  <workdir>/cam/<id>.npy          CAM dicts                                                  (infer)
+  <workdir>/crf_<alpha>/<id>.npy  CRF score dicts for every infer.crf_alphas                 (crf)
+  <workdir>/affinity/             ckpt/, export/, ...                                        (train_aff)
+  <workdir>/rw/<id>.png           random-walk pseudo labels                                  (rw)
+  <workdir>/eval/<name>/          results.json, miou_curve.png                               (eval_*)
+  <workdir>/seg/                  ckpt/, export/, metrics.jsonl, tb/                         (train_seg)
+  <workdir>/seg_pred/<id>.png     segmentation label maps of seg.test_list                   (test_seg)
+  <workdir>/predict/              label PNGs + overlays of predict.py on any images          (predict)
+  <workdir>/stages.json           wall time and summary of each stage's last run             (every stage)
+  <workdir>/report/               summary.json, report.html, curve and image-strip PNGs      (pipeline)
+  <workdir>/baseline/             the same stages again with the plain-CAM baseline          (compare_baseline)
+"""
+import os
+
+from seam_jax.data import voc
+
+
+def _or(value, *default):
+  return value if value else os.path.join(*default)
+
+
+def voc_root(config):
+  """data.voc_root, '' = <workdir>/VOC2012 (where the demo stage generates its set)."""
+  return _or(config.data.voc_root, config.workdir, 'VOC2012')
+
+
+def list_dir(config):
+  return _or(config.data.list_dir, config.workdir, 'lists')
+
+
+def cls_labels(config):
+  return _or(config.data.cls_labels, list_dir(config), 'cls_labels.npy')
+
+
+def list_path(config, name_or_path):
+  """A list by name (`train_aug` -> <list_dir>/train_aug.txt) or by path."""
+  return voc.resolve_list(name_or_path, list_dir(config))
+
+
+def read_ids(config, name_or_path):
+  return voc.read_list(list_path(config, name_or_path))
+
+
+def image_path(config, image_id):
+  return os.path.join(voc_root(config), 'JPEGImages', image_id + '.jpg')
+
+
+def gt_dir(config):
+  return _or(config.eval.gt_dir, voc_root(config), 'SegmentationClass')
+
+
+def task_dir(config, task_name):
+  """Checkpoints and logs of a training task ('seam', 'affinity')."""
+  return os.path.join(config.workdir, task_name)
+
+
+def export_dir(config, task_name):
+  return os.path.join(task_dir(config, task_name), 'export')
+
+
+def seam_weights(config):
+  """infer.checkpoint, '' = the SEAM export of this run."""
+  return config.infer.checkpoint or export_dir(config, 'seam')
+
+
+def cam_dir(config):
+  return _or(config.infer.cam_dir, config.workdir, 'cam')
+
+
+def crf_dir(config, alpha):
+  """`<infer.crf_dir>_<alpha>` (python str(float): 4 -> `crf_4.0`), infer.crf_dir '' = <workdir>/crf."""
+  return f'{_or(config.infer.crf_dir, config.workdir, "crf")}_{float(alpha)}'
+
+
+def score_dirs(config):
+  """(la_dir, ha_dir) AffinityNet learns from: aff.la_dir / ha_dir, '' = the CRF folders of infer.crf_alphas."""
+  la_alpha, ha_alpha = config.infer.crf_alphas
+  return config.aff.la_dir or crf_dir(config, la_alpha), config.aff.ha_dir or crf_dir(config, ha_alpha)
+
+
+def affinity_weights(config):
+  """rw.checkpoint, '' = the AffinityNet export of this run."""
+  return config.rw.checkpoint or export_dir(config, 'affinity')
+
+
+def rw_cam_dir(config):
+  return config.rw.cam_dir or cam_dir(config)
+
+
+def rw_dir(config):
+  return _or(config.rw.out_dir, config.workdir, 'rw')
+
+
+def eval_dir(config, name=''):
+  """eval.out_dir ('' = <workdir>/eval), with a subfolder per evaluated prediction when `name` is given."""
+  base = _or(config.eval.out_dir, config.workdir, 'eval')
+  return os.path.join(base, name) if name else base
+
+
+def eval_pred_dir(config):
+  """eval.pred_dir, '' = the CAMs."""
+  return config.eval.pred_dir or cam_dir(config)
+
+
+# --- segmentation retrain (RETRAIN_SPEC): <workdir>/seg/ (ckpt/, export/, logs), <workdir>/seg_pred/<id>.png,
+# <workdir>/predict/ (predict.py on arbitrary images).
+def seg_label_dir(config):
+  """seg.label_dir, '' = the random-walk pseudo labels (rw_dir)."""
+  return config.seg.label_dir or rw_dir(config)
+
+
+def seg_init_weights(config):
+  """Initial weights of the segmentation net: seg.init_weights; else, with seg.init_from_seam, the backbone of
+  this run's SEAM export; else model.init_weights (the ImageNet ResNet38; '' = random)."""
+  if config.seg.init_weights:
+    return config.seg.init_weights
+  return export_dir(config, 'seam') if config.seg.init_from_seam else config.model.init_weights
+
+
+def seg_weights(config):
+  """seg.checkpoint, '' = the segmentation export of this run."""
+  return config.seg.checkpoint or export_dir(config, 'seg')
+
+
+def seg_pred_dir(config):
+  """seg.out_dir, '' = <workdir>/seg_pred: label PNGs of the test list."""
+  return _or(config.seg.out_dir, config.workdir, 'seg_pred')
+
+
+def predict_dir(config):
+  """seg.predict_dir, '' = <workdir>/predict: label PNGs and overlays of predict.py."""
+  return _or(config.seg.predict_dir, config.workdir, 'predict')
+
+
+# --- pipeline bookkeeping (seam_jax.stages, seam_jax.report) and variant runs.
+def voc_split(config, split):
+  """<voc_root>/ImageSets/Segmentation/<split>.txt (train / val: what the demo stage generates)."""
+  return os.path.join(voc_root(config), 'ImageSets', 'Segmentation', split + '.txt')
+
+
+def stage_log(config):
+  return os.path.join(config.workdir, 'stages.json')
+
+
+def report_dir(config):
+  return os.path.join(config.workdir, 'report')
+
+
+# Path fields naming a stage output: a variant run derives them all again below its own workdir.
+OUTPUT_FIELDS = ('infer.checkpoint', 'infer.cam_dir', 'infer.crf_dir', 'infer.label_dir', 'infer.overlay_dir',
+                 'eval.pred_dir', 'eval.out_dir', 'aff.la_dir', 'aff.ha_dir', 'rw.checkpoint', 'rw.cam_dir',
+                 'rw.out_dir', 'seg.label_dir', 'seg.checkpoint', 'seg.out_dir', 'seg.predict_dir')
+
+
+def variant(config, name):
+  """A copy of `config` for a second run in <workdir>/<name> on the same data (e.g. the CAM baseline): the input
+  paths (VOC root, lists, labels, ground truth) are pinned to this run's, every output path derives anew."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.data.voc_root, c.data.list_dir, c.data.cls_labels = voc_root(config), list_dir(config), cls_labels(config)
+    c.eval.gt_dir = gt_dir(config)
+    for field in OUTPUT_FIELDS:
+      section, key = field.split('.')
+      if section in c and key in c[section]:
+        c[section][key] = ''
+    c.workdir = os.path.join(config.workdir, name)
+  return c

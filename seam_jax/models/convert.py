@@ -1,0 +1,271 @@
+"""Weights of the original release <-> seam_jax variables (SEAM_SPEC sections 1, 2 and 6).
+
+State dicts use the original PyTorch names (`b4_3.bn_branch2a.running_mean`, `fc8.weight`, ...) as NumPy arrays;
+Flax variables mirror those names, so conversion is a rename plus OIHW <-> HWIO for conv kernels:
+  `<m>.weight` (conv) <-> params/<m>/kernel, `<m>.weight|bias` (BN) <-> params/<m>/scale|bias,
+  `<m>.running_mean|running_var` <-> batch_stats/<m>/mean|var; backbone modules live under `backbone/`.
+Sources: PyTorch `.pth` (read with torch, or without it by a restricted unpickler), `.npz` of a state dict, and
+the MXNet ImageNet `.params` of ResNet38 (read with NumPy, names mapped as in the original). The segmentation net
+(kind 'deeplab': the authors' released deeplabv1 ResNet38 .pth) names its backbone tensors `backbone.<m>...`.
+
+CLI: `python -m seam_jax.models.convert --src IN --dst OUT --kind seam|affinity|deeplab [--width_div 1]` converts
+a .pth / .npz / .params into an export folder, or an export folder into a .pth / .npz.
+"""
+import argparse
+import os
+import sys
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from seam_jax.models import export
+from seam_jax import models
+from seam_jax.models.weight_files import (has_torch, read_mxnet_params, read_npz, read_pth, write_mxnet_params,  # noqa: F401
+                                     write_npz, write_pth)
+from seam_jax.common.errors import DataError
+
+_LEAF_NAMES = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
+               ('batch_stats', 'mean'): 'running_mean', ('batch_stats', 'var'): 'running_var'}
+_HEADS = {'seam': models.seam.NEW_LAYERS, 'affinity': models.affinity.NEW_LAYERS,
+          'deeplab': models.deeplab.NEW_LAYERS}
+# Models whose original state dict nests the backbone as `backbone.<name>` (SSC's deeplabv1); SEAM's and
+# AffinityNet's subclass the backbone (plain `<name>`).
+_NESTED_BACKBONE = ('deeplab',)
+
+
+# ----------------------------------------------------------------------------- names and layouts
+
+def torch_name(collection, path):
+  """('params', ('backbone', 'b4_3', 'bn_branch2a', 'scale')) -> 'b4_3.bn_branch2a.weight'."""
+  modules = path[1:-1] if path[0] == 'backbone' else path[:-1]
+  return '.'.join(modules + (_LEAF_NAMES[collection, path[-1]],))
+
+
+def _entries(variables):
+  """(torch name, collection, path, array) for every leaf of {'params', 'batch_stats'}."""
+  for col in ('params', 'batch_stats'):
+    for path, x in flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get(col, {}))).items():
+      yield torch_name(col, path), col, path, x
+
+
+def _to_torch(path, x):
+  x = np.asarray(jax.device_get(x))
+  return np.ascontiguousarray(x.transpose(3, 2, 0, 1)) if path[-1] == 'kernel' else x   # HWIO -> OIHW
+
+
+def _from_torch(path, x):
+  return np.ascontiguousarray(np.asarray(x).transpose(2, 3, 1, 0)) if path[-1] == 'kernel' else np.asarray(x)
+
+
+def _torch_shape(path, shape):
+  return tuple(shape[i] for i in (3, 2, 0, 1)) if path[-1] == 'kernel' else tuple(shape)
+
+
+def clean_state_dict(sd):
+  """Strip DataParallel's 'module.' prefix and a nested backbone's 'backbone.' prefix (the deeplabv1 release),
+  drop BN `num_batches_tracked` counters."""
+  out = {}
+  for k, v in sd.items():
+    k = k[len('module.'):] if k.startswith('module.') else k
+    k = k[len('backbone.'):] if k.startswith('backbone.') else k
+    if not k.endswith('num_batches_tracked'):
+      out[k] = v
+  return out
+
+
+def model_config(width_div=1, dtype='float32'):
+  return ml_collections.ConfigDict({'width_div': int(width_div), 'dtype': dtype})
+
+
+def abstract_variables(kind, model_config_):
+  """Shapes/dtypes of the model's variables, without allocating them (works for any width_div)."""
+  model = models.build(kind, model_config_)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
+
+
+def init_variables(kind, model_config_, seed=0):
+  """Freshly initialised variables (the original's init distributions for the head layers).
+
+  Uses an RBG key: with ~150 parameter tensors, threefry makes XLA's CPU compile of `init` several times slower.
+  """
+  model = models.build(kind, model_config_)
+  return jax.jit(model.init)(jax.random.key(seed, impl='rbg'), jnp.zeros((1, 32, 32, 3), jnp.float32))
+
+
+def _few(keys, n=4):
+  keys = sorted(keys)
+  return ', '.join(keys[:n]) + (f' (+{len(keys) - n} more)' if len(keys) > n else '')
+
+
+def _guess_kind(keys):
+  """The model kind whose head layers are exactly those found among `keys`, if any."""
+  tops = {k.split('.')[0] for k in keys}
+  return next((kind for kind, h in _HEADS.items() if tops & set().union(*_HEADS.values()) == set(h)), None)
+
+
+# ----------------------------------------------------------------------------- state dict <-> variables
+
+def _assign(template, sd, names, source, kind, model_config_):
+  """`template` with the leaves named `names` replaced by sd[name] (torch layout); shape mismatch -> DataError."""
+  flat = {col: flax.traverse_util.flatten_dict(flax.core.unfreeze(template[col])) for col in template}
+  entries = {t: (col, p, x) for t, col, p, x in _entries(template) if t in names}
+  bad = [f'{t} {tuple(np.shape(sd[t]))} vs model {_torch_shape(p, x.shape)}' for t, (_, p, x) in entries.items()
+         if tuple(np.shape(sd[t])) != _torch_shape(p, x.shape)]
+  if bad:
+    raise DataError(f'{source}: tensor shapes do not match the {kind} model of width_div '
+                    f'{model_config_.width_div} (weights of another width?): {_few(bad, 3)}')
+  for t, (col, p, x) in entries.items():
+    flat[col][p] = _from_torch(p, np.asarray(sd[t], x.dtype))
+  return {col: flax.traverse_util.unflatten_dict(f) for col, f in flat.items()}
+
+
+def state_dict_to_variables(sd, kind, model_config_, name='state dict'):
+  """Strict conversion of an original state dict (name -> array) into {'params', 'batch_stats'} of `kind`.
+
+  Every model tensor must be present with the right shape and nothing else may be there; errors name `name`.
+  """
+  sd = clean_state_dict(sd)
+  shapes = abstract_variables(kind, model_config_)
+  expected = {t for t, *_ in _entries(shapes)}
+  missing, unexpected = expected - set(sd), set(sd) - expected
+  if missing or unexpected:
+    guess = _guess_kind(sd)
+    hint = f'this looks like a {guess} checkpoint' if guess and guess != kind else 'not a checkpoint of this model'
+    raise DataError(f'{name}: checkpoint of the wrong model for {kind!r} ({hint}); missing keys: '
+                    f'{_few(missing) or "none"}; unexpected keys: {_few(unexpected) or "none"}')
+  return _assign(shapes, sd, expected, name, kind, model_config_)
+
+
+def variables_to_state_dict(variables, kind):
+  """Exact inverse of `state_dict_to_variables`: original names, OIHW kernels, NumPy arrays."""
+  top = set(variables['params'])
+  if top != {'backbone', *_HEADS[kind]}:
+    raise ValueError(f'variables of modules {sorted(top)} are not a {kind} model')
+  nested = kind in _NESTED_BACKBONE
+  return {('backbone.' if nested and path[0] == 'backbone' else '') + t: _to_torch(path, x)
+          for t, _, path, x in sorted(_entries(variables), key=lambda e: e[2][:-1])}
+
+
+def load_pth(path, kind, model_config_):
+  """Strictly load an original .pth (SEAM or AffinityNet) as variables of `kind`."""
+  return state_dict_to_variables(read_pth(path), kind, model_config_, name=path)
+
+
+def load_npz(path, kind, model_config_):
+  return state_dict_to_variables(read_npz(path), kind, model_config_, name=path)
+
+
+_BN_PARAMS = {'beta': 'bias', 'gamma': 'weight', 'mean': 'running_mean', 'var': 'running_var'}
+
+
+def mxnet_to_torch_names(d):
+  """The original's mapping of the ImageNet ResNet38 names (SEAM_SPEC section 1); the classifier is dropped."""
+  out = {}
+  for key, v in d.items():
+    toks = key.split(':', 1)[-1].split('_')
+    t0 = toks[0]
+    if 'linear1000' in t0:
+      continue
+    if 'conv1a' in t0:
+      name = 'conv1a.weight'
+    elif len(toks) > 1 and 'branch' in toks[1]:
+      block = f'b{t0[-2]}' if t0[-1] == 'a' else f'b{t0[-3]}_{t0[-1]}'
+      is_conv = t0.startswith('res')
+      name = f'{block}.{"conv" if is_conv else "bn"}_{toks[1]}.' + (
+          'weight' if is_conv else _BN_PARAMS.get(toks[-1], toks[-1]))
+    else:
+      name = f'bn7.{_BN_PARAMS.get(toks[-1], toks[-1])}'
+    out[name] = v
+  return out
+
+
+# ----------------------------------------------------------------------------- ImageNet initialisation
+
+def read_weights(path):
+  """Original-named state dict of a .pth, .npz or MXNet .params file, or of an export folder (e.g. a trained SEAM's
+  backbone for the segmentation retrain)."""
+  if os.path.isdir(path):
+    meta = export.read_meta(path)
+    cfg = model_config(meta['width_div'])
+    return clean_state_dict(variables_to_state_dict(export.load_export(path, meta['kind'], cfg), meta['kind']))
+  if not os.path.isfile(path):
+    raise DataError(f'weights file not found: {path}')
+  if path.endswith('.params'):
+    return mxnet_to_torch_names(read_mxnet_params(path))
+  if path.endswith('.npz'):
+    return clean_state_dict(read_npz(path))
+  if path.endswith('.pth'):
+    return clean_state_dict(read_pth(path))
+  raise DataError(f'{path}: unknown weights format (expected .params, .pth or .npz)')
+
+
+def imagenet_init(variables, path, kind, model_config_):
+  """Non-strict load of the ResNet38 backbone from `path` into `variables`; the head keeps its init.
+
+  Shape mismatches are errors (as in torch's non-strict load); absent tensors keep their init and are logged.
+  """
+  sd = read_weights(path)
+  backbone = {t for t, _, p, _ in _entries(variables) if p[0] == 'backbone'}
+  loaded = backbone & set(sd)
+  if not loaded:
+    raise DataError(f'{path}: no ResNet38 backbone tensor found (keys like {_few(sd, 3)})')
+  variables = _assign(variables, sd, loaded, path, kind, model_config_)
+  missing, unused = backbone - loaded, set(sd) - loaded
+  logging.info('%s: loaded %d of %d backbone tensors; %d missing%s; %d unused%s', path, len(loaded), len(backbone),
+               len(missing), f' ({_few(missing)})' if missing else '', len(unused),
+               f' ({_few(unused)})' if unused else '')
+  return variables
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def load_variables(path, kind, model_config):
+  """Weights for model `kind` from an export folder or a .pth file (see module doc)."""
+  if not os.path.exists(path):
+    raise DataError(f'checkpoint not found: {path}')
+  if os.path.isdir(path):
+    return export.load_export(path, kind, model_config)
+  if path.endswith('.pth'):
+    return load_pth(path, kind, model_config)
+  if path.endswith('.npz'):   # an original-named state dict saved with NumPy (strict, like .pth)
+    return load_npz(path, kind, model_config)
+  if path.endswith('.params'):  # MXNet ImageNet ResNet38: backbone only, the head keeps its init (seed 0)
+    return imagenet_init(init_variables(kind, model_config), path, kind, model_config)
+  raise DataError(f'unknown checkpoint format: {path} (expected an export folder, .pth, .npz or .params)')
+
+
+def convert(src, dst, kind, width_div=1):
+  """.pth / .npz -> export folder (strict), .params -> export folder (backbone; head from init),
+  export folder -> .pth / .npz."""
+  cfg = model_config(width_div)
+  if os.path.isdir(src):
+    sd = variables_to_state_dict(load_variables(src, kind, cfg), kind)
+    if dst.endswith('.npz'):
+      return write_npz(dst, sd)
+    if dst.endswith('.pth'):
+      return write_pth(dst, sd)
+    raise DataError(f'{dst}: destination of an export folder must end in .pth or .npz')
+  export.save_export(dst, load_variables(src, kind, cfg), kind, cfg)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog='python -m seam_jax.models.convert', description=convert.__doc__)
+  p.add_argument('--src', required=True)
+  p.add_argument('--dst', required=True)
+  p.add_argument('--kind', required=True, choices=sorted(models.MODELS))
+  p.add_argument('--width_div', type=int, default=1)
+  args = p.parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  try:
+    convert(args.src, args.dst, args.kind, args.width_div)
+  except DataError as e:
+    sys.exit(f'error: {e}')
+  print(f'wrote {args.dst}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,316 @@
+"""The pipeline's report: <workdir>/report/summary.json and report.html.
+
+Every figure comes from the run: stage times from the stage records (and <workdir>/stages.json for skipped stages),
+scores from each evaluation's results.json (seam_jax.infer.evaluation). summary.json holds every figure exactly as
+report.html shows it (IoU in percent and seconds with one decimal, thresholds with two), and every numeric cell of the
+HTML names its summary.json key (`data-key`, a '/'-separated path). For a few images a strip shows
+image | ground truth | CAM | CRF | random walk | final prediction (and the CAM baseline's CAM and random walk when it
+ran), one PNG tile per cell, written atomically.
+"""
+import datetime
+import html
+import json
+import os
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from seam_jax import layout, stages
+from seam_jax.common import files, visual
+from seam_jax.data import voc
+
+RUN_TITLES = {'seam': 'SEAM', 'baseline': 'CAM baseline'}
+TILE_HEIGHT = 160   # tiles of taller images are scaled down to this height
+
+
+def pct(x):
+  return round(100 * float(x), 1)
+
+
+def run_configs(config):
+  """{'seam': config, 'baseline': its baseline config when compare_baseline}."""
+  runs = {'seam': config}
+  if config.pipeline.compare_baseline:
+    runs['baseline'] = stages.baseline_config(config)
+  return runs
+
+
+def eval_title(name):
+  if name.startswith('crf_'):
+    return f'CRF, alpha {name[4:]}'
+  return {'cam': 'CAM', 'rw': 'random walk', 'seg': 'segmentation'}.get(name, name)
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def scores(res, config):
+  """The reported figures of one results.json, rounded as shown."""
+  b = stages.brief(res, config)
+  out = {'miou': pct(b['miou']), 'miou_present': pct(b['miou_present'])}
+  if 'best_threshold' in b:
+    out['best_threshold'] = round(b['best_threshold'], 2)
+  if 'miou_fixed' in b:
+    out.update(fixed_threshold=round(b['fixed_threshold'], 2), miou_fixed=pct(b['miou_fixed']),
+               miou_present_fixed=pct(b['miou_present_fixed']))
+  out['per_class'] = {c: pct(r['iou']) for c, r in res['per_class'].items()}
+  out['present'] = [c for c, r in res['per_class'].items() if r['present']]
+  return out
+
+
+def run_scores(config):
+  """{evaluation name: scores} of every evaluation stage whose results.json exists, in pipeline order."""
+  out = {}
+  for st in stages.STAGES.values():
+    for name, *_ in (st.evaluations(config) if st.evaluations else ()):
+      path = stages.results_path(config, name)
+      if os.path.isfile(path):
+        with open(path) as f:
+          out[name] = scores(json.load(f), config)
+  return out
+
+
+def stage_rows(config, records, runs_scores):
+  """One row per stage record: run, stage, status, seconds now and of the run that made the outputs, and the
+  mIoUs of its evaluations."""
+  runs, rows = run_configs(config), []
+  for rec in records:
+    run, name = rec['stage'].split('/') if '/' in rec['stage'] else ('seam', rec['stage'])
+    st = stages.STAGES[name]
+    evals = [n for n, *_ in st.evaluations(runs[run])] if st.evaluations else []
+    rows.append({'run': run, 'stage': name, 'status': rec['status'], 'seconds': round(rec['seconds'], 1),
+                 'run_seconds': None if rec['run_seconds'] is None else round(rec['run_seconds'], 1),
+                 'scores': {n: {k: runs_scores[run][n][k] for k in ('miou', 'miou_present')}
+                            for n in evals if n in runs_scores[run]}})
+  return rows
+
+
+def stage_table(config, records):
+  """The console table at the end of a pipeline run: every stage with its time and mIoU."""
+  rows = stage_rows(config, records, {r: run_scores(c) for r, c in run_configs(config).items()})
+  lines = [f'{"stage":<22}{"status":<9}{"time":>9}   mIoU (21 classes / present classes)']
+  for r in rows:
+    name = r['stage'] if r['run'] == 'seam' else f'{r["run"]}/{r["stage"]}'
+    t = stages.fmt_seconds(r['seconds'])
+    made = f'(ran in {stages.fmt_seconds(r["run_seconds"])}) ' if r['status'] == 'skipped' and r['run_seconds'] else ''
+    miou = ', '.join(f'{n} {s["miou"]:.1f} / {s["miou_present"]:.1f}' for n, s in r['scores'].items())
+    lines.append(f'{name:<22}{r["status"]:<9}{t:>9}   {made}{miou}'.rstrip())
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ strips
+def _palette(label):
+  return files.voc_palette()[np.asarray(label)]
+
+
+def _npy(path):
+  return files.load_npy_dict(path) if os.path.isfile(path) else None
+
+
+def _png(path):
+  return files.load_index_png(path) if os.path.isfile(path) else None
+
+
+def _cam_tile(config, image_id, img):
+  cams = _npy(os.path.join(layout.cam_dir(config), image_id + '.npy'))
+  if cams is None:
+    return None
+  heat = np.max(np.stack(list(cams.values())), 0) if cams else np.zeros(img.shape[:2], np.float32)
+  return visual.overlay(img, heat), 'image'
+
+
+def _crf_tile(alpha):
+  def tile(config, image_id, img):
+    from seam_jax.infer import evaluation  # pylint: disable=g-import-not-at-top
+    d = _npy(os.path.join(layout.crf_dir(config, alpha), image_id + '.npy'))
+    return None if d is None else (_palette(evaluation.score_dict_label(d, img.shape[:2])), 'label')
+  return tile
+
+
+def _label_tile(folder_fn):
+  def tile(config, image_id, img):
+    del img
+    label = _png(os.path.join(folder_fn(config), image_id + '.png'))
+    return None if label is None else (_palette(label), 'label')
+  return tile
+
+
+def strip_columns(config):
+  """[(key, title, run config, tile function)]: tile(config, id, uint8 image) -> (RGB, 'image' | 'label') or None."""
+  runs = run_configs(config)
+  cols = [('image', 'image', config, lambda c, i, img: (img, 'image')),
+          ('truth', 'ground truth', config, _label_tile(layout.gt_dir)),
+          ('cam', 'CAM', config, _cam_tile)]
+  cols += [(f'crf_{float(a)}', f'CRF, alpha {float(a)}', config, _crf_tile(a)) for a in config.infer.crf_alphas]
+  cols.append(('rw', 'random walk', config, _label_tile(layout.rw_dir)))
+  if 'seg' in config:
+    cols.append(('seg', 'final prediction (segmentation)', config, _label_tile(layout.seg_pred_dir)))
+  if 'baseline' in runs:
+    cols += [('baseline_cam', 'CAM baseline: CAM', runs['baseline'], _cam_tile),
+             ('baseline_rw', 'CAM baseline: random walk', runs['baseline'], _label_tile(layout.rw_dir))]
+  return cols
+
+
+def _fit(rgb, kind):
+  im = Image.fromarray(np.asarray(rgb, np.uint8))
+  if im.height > TILE_HEIGHT:
+    size = (max(1, round(im.width * TILE_HEIGHT / im.height)), TILE_HEIGHT)
+    im = im.resize(size, Image.NEAREST if kind == 'label' else Image.BOX)
+  return np.asarray(im)
+
+
+def strip_ids(config, n):
+  """n ids spread evenly over the evaluation list (those with a random-walk output, when there are any)."""
+  ids = stages._ids(config, config.eval.list) or []  # pylint: disable=protected-access
+  done = [i for i in ids if os.path.isfile(os.path.join(layout.rw_dir(config), i + '.png'))]
+  ids = done or ids
+  return [ids[k * len(ids) // n] for k in range(min(n, len(ids)))]
+
+
+def write_strips(config, out_dir):
+  """Tiles of report.html's image strips under out_dir/tiles; returns {'columns': [titles], 'rows': [{'id',
+  'tiles': [relative path or None]}], 'classes': [names present in the shown truth]}."""
+  cols, rows, present = strip_columns(config), [], set()
+  for image_id in strip_ids(config, int(config.pipeline.report_images)):
+    img = files.load_image(layout.image_path(config, image_id))
+    tiles = []
+    for key, _, cfg, fn in cols:
+      made = fn(cfg, image_id, img)
+      if made is None:
+        tiles.append(None)
+        continue
+      rel = os.path.join('tiles', f'{image_id}_{key}.png')
+      files.save_rgb_png(os.path.join(out_dir, rel), _fit(*made))
+      tiles.append(rel)
+    truth = _png(os.path.join(layout.gt_dir(config), image_id + '.png'))
+    present |= set() if truth is None else {int(v) for v in np.unique(truth) if v < voc.NUM_CLASSES}
+    rows.append({'id': image_id, 'tiles': tiles})
+  keep = [k for k in range(len(cols)) if any(r['tiles'][k] for r in rows)]
+  return {'columns': [cols[k][1] for k in keep], 'rows': [{'id': r['id'], 'tiles': [r['tiles'][k] for k in keep]}
+                                                          for r in rows],
+          'classes': [voc.CLASSES[c] for c in sorted(present)]}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def collect(config, records, out_dir):
+  """summary.json's content (tiles and curve PNGs are written into out_dir on the way)."""
+  runs = {r: run_scores(c) for r, c in run_configs(config).items()}
+  curves = {}
+  for run, cfg in run_configs(config).items():
+    src = os.path.join(layout.eval_dir(cfg, 'cam'), 'miou_curve.png')
+    if os.path.isfile(src):
+      curves[run] = f'curve_{run}.png'
+      with open(src, 'rb') as f:
+        files.atomic_write(os.path.join(out_dir, curves[run]), lambda g, f=f: shutil.copyfileobj(f, g))
+  return {'workdir': os.path.abspath(config.workdir), 'generated': datetime.datetime.now().isoformat(' ', 'seconds'),
+          'bg_threshold': float(config.infer.bg_threshold), 'stages': stage_rows(config, records, runs),
+          'runs': runs, 'curves': curves, 'strips': write_strips(config, out_dir)}
+
+
+def write(config, records):
+  """Write <workdir>/report/{summary.json, report.html} (+ PNGs); returns the path of report.html."""
+  out_dir = layout.report_dir(config)
+  summary = collect(config, records, out_dir)
+  files.atomic_write_text(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=1))
+  path = os.path.join(out_dir, 'report.html')
+  files.atomic_write_text(path, render(summary))
+  return path
+
+
+def _num(key, value):
+  if value is None:
+    return '<td class="na">&ndash;</td>'
+  return f'<td class="num" data-key="{html.escape(key)}">{value}</td>'
+
+
+def _table(head, rows):
+  th = ''.join(f'<th>{h}</th>' for h in head)
+  return f'<table><tr>{th}</tr>' + ''.join(f'<tr>{r}</tr>' for r in rows) + '</table>'
+
+
+def _stage_section(s):
+  rows = []
+  for k, r in enumerate(s['stages']):
+    pre = f'stages/{k}'
+    cells = (f'<td>{RUN_TITLES[r["run"]]}</td><td>{r["stage"]}</td><td class="{r["status"]}">{r["status"]}</td>'
+             + _num(f'{pre}/seconds', r['seconds']) + _num(f'{pre}/run_seconds', r['run_seconds']))
+    evals = list(r['scores'].items()) or [(None, None)]
+    for name, sc in evals:
+      rows.append(cells + (f'<td>{eval_title(name)}</td>' + _num(f'{pre}/scores/{name}/miou', sc['miou'])
+                           + _num(f'{pre}/scores/{name}/miou_present', sc['miou_present'])
+                           if name else '<td></td><td></td><td></td>'))
+      cells = '<td></td>' * 5
+  head = ['run', 'stage', 'status', 'time now (s)', 'time of the run that made the outputs (s)', 'evaluation',
+          'mIoU, 21 classes (%)', 'mIoU, present classes (%)']
+  return '<h2>Stages</h2>' + _table(head, rows)
+
+
+def _results_section(s):
+  runs = [r for r in RUN_TITLES if r in s['runs']]
+  names = list(dict.fromkeys(n for r in runs for n in s['runs'][r]))
+  rows = []
+  for name in names:
+    has = lambda k, name=name: any(k in s['runs'][r].get(name, {}) for r in runs)
+    variants = [(', best background threshold' if has('best_threshold') else '', 'best_threshold', 'miou',
+                 'miou_present')]
+    if has('miou_fixed'):
+      variants.append((', fixed background threshold', 'fixed_threshold', 'miou_fixed', 'miou_present_fixed'))
+    for label, thr, m21, mp in variants:
+      cells = f'<td>{eval_title(name)}{label}</td>'
+      for r in runs:
+        sc, pre = s['runs'][r].get(name, {}), f'runs/{r}/{name}'
+        cells += ''.join(_num(f'{pre}/{k}', sc.get(k)) for k in (thr, m21, mp))
+      rows.append(cells)
+  head = ['prediction'] + [f'{RUN_TITLES[r]}: {h}' for r in runs
+                           for h in ('threshold', 'mIoU, 21 classes (%)', 'mIoU, present classes (%)')]
+  title = 'SEAM against the plain-CAM baseline' if len(runs) > 1 else 'Results'
+  return f'<h2>{title}</h2>' + _table(head, rows)
+
+
+def _class_section(s):
+  cols = [(r, n) for r in RUN_TITLES if r in s['runs'] for n in s['runs'][r]]
+  shown = [c for c in voc.CLASSES if any(c in s['runs'][r][n]['present'] for r, n in cols)]
+  rows = []
+  for c in shown:
+    cells = f'<td>{c}</td>'
+    for r, n in cols:
+      cell = _num(f'runs/{r}/{n}/per_class/{c}', s['runs'][r][n]['per_class'][c])
+      cells += cell if c in s['runs'][r][n]['present'] else cell.replace('class="num"', 'class="num absent"')
+    rows.append(cells)
+  head = ['class'] + [f'{RUN_TITLES[r]}: {eval_title(n)}' for r, n in cols]
+  note = ('<p class="note">IoU (%) at each prediction\'s best background threshold for CAMs. Classes absent from '
+          'the ground truth and from every prediction are left out (they count 0 in the 21-class mIoU, as in the '
+          'original); grey: absent from that prediction and its ground truth.</p>')
+  return '<h2>IoU per class</h2>' + note + _table(head, rows)
+
+
+def _figures_section(s):
+  curves = ''.join(f'<figure><img src="{html.escape(p)}"><figcaption>{RUN_TITLES[r]}: CAM mIoU against the '
+                   f'background threshold</figcaption></figure>' for r, p in s['curves'].items())
+  st = s['strips']
+  pal = files.voc_palette()
+  legend = ''.join(f'<span class="sw" style="background:rgb{tuple(int(v) for v in pal[voc.CLASSES.index(c)])}">'
+                   f'</span>{c} ' for c in st['classes'])
+  rows = [f'<td>{html.escape(r["id"])}</td>' + ''.join(
+      f'<td><img src="{html.escape(t)}"></td>' if t else '<td class="na">missing</td>' for t in r['tiles'])
+          for r in st['rows']]
+  return ('<h2>Background-threshold curves</h2>' + curves + '<h2>Examples</h2><p class="legend">' + legend + '</p>'
+          + _table(['id'] + st['columns'], rows))
+
+
+STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1180px}
+table{border-collapse:collapse;margin:8px 0 20px}th,td{border:1px solid #ccc;padding:3px 8px;font-size:13px}
+th{background:#f0f0f0;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.absent{color:#aaa}td.na{color:#aaa;text-align:center}td.skipped{color:#777}td.ran{color:#070}
+figure{display:inline-block;margin:0 16px 0 0}figcaption{font-size:12px;color:#555}
+.sw{display:inline-block;width:12px;height:12px;border:1px solid #888;margin:0 4px 0 10px;vertical-align:middle}
+.note,.legend{font-size:13px;color:#444}td img{display:block}"""
+
+
+def render(s):
+  """report.html of a summary (collect)."""
+  return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>SEAM pipeline report</title>'
+          f'<style>{STYLE}</style></head><body><h1>SEAM pipeline report</h1>'
+          f'<p class="note">{html.escape(s["workdir"])}, written {html.escape(s["generated"])}. mIoU as the '
+          f'original: over all 21 classes (absent ones count 0), and over the classes present. Fixed background '
+          f'threshold: infer.bg_threshold.</p>'
+          + _stage_section(s) + _results_section(s) + _class_section(s) + _figures_section(s) + '</body></html>')

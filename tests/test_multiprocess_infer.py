@@ -1,0 +1,181 @@
+"""The inference-type stages over 2 processes (jax.distributed on 127.0.0.1, 4 CPU devices each) against 1 process:
+CAM inference, CRF, random walk and evaluation write the same files with the same values and the same
+results.json numbers; a restart with some outputs deleted redoes exactly those (one process then has no work)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import demo
+from seam_jax import layout, models
+from seam_jax.common import files
+from seam_jax.data import demo_data, prepare, voc
+from seam_jax.models import export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 900
+
+# Each process: jax.distributed (when several), then the stages in pipeline order through the library, then one
+# line `RESULT {json}` with its CAM-inference stats and wall time.
+WORKER = r'''
+import json, os, sys, time
+args = json.loads(sys.argv[1])
+from seam_jax.common import distributed
+if args['num_processes'] > 1:
+  distributed.initialize(args['coordinator'], args['num_processes'], args['process_id'])
+from configs import demo
+from seam_jax import layout
+from seam_jax.infer import cam_inference, crf, evaluation, random_walk
+config = demo.get_config()
+for key, value in args['overrides'].items():
+  *path, leaf = key.split('.')
+  node = config
+  for p in path:
+    node = node[p]
+  node[leaf] = tuple(value) if isinstance(value, list) else value
+t0 = time.time()
+cam_stats = cam_inference.run_inference(config)
+cam_seconds = time.time() - t0
+crf.run_crf(config)
+random_walk.run(config)
+for name, pred_dir, pred_type in (('cam', layout.cam_dir(config), 'npy'), ('crf', layout.crf_dir(config, 4.0), 'crf'),
+                                  ('rw', layout.rw_dir(config), 'png')):
+  c = config.copy_and_resolve_references()
+  c.eval.pred_dir, c.eval.pred_type, c.eval.out_dir = pred_dir, pred_type, layout.eval_dir(config, name)
+  evaluation.evaluate(c)
+print('RESULT ' + json.dumps({'cam_seconds': cam_seconds, 'cam_images': cam_stats['images']}), flush=True)
+'''
+
+
+def random_variables(model, seed):
+  """Random weights from shapes (no compiled init): He-normal kernels, BatchNorm statistics near identity."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    if path[-1].key == 'kernel':
+      return rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape).astype(np.float32)
+    return rng.uniform(0.8, 1.2, s.shape).astype(np.float32) if path[-1].key in ('scale', 'var') else \
+        rng.normal(0, 0.1, s.shape).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  """A tiny demo set with its lists, and random SEAM / AffinityNet exports: the config overrides every run shares."""
+  tmp = tmp_path_factory.mktemp('mp')
+  config = demo.get_config()
+  config.workdir = str(tmp)
+  config.model.width_div = 32
+  demo_data.generate(layout.voc_root(config), num_train=8, num_val=1, num_aug=0, image_size=(44, 60), seed=0,
+                     workers=1, classes=config.demo.classes, plain=True)
+  prepare.prepare(config, workers=1)
+  for kind, seed in (('seam', 0), ('affinity', 1)):
+    export.save_export(str(tmp / f'{kind}_export'), random_variables(models.build(kind, config.model), seed), kind,
+                       config.model)
+  return tmp, {'data.voc_root': layout.voc_root(config), 'data.list_dir': layout.list_dir(config),
+               'model.width_div': 32, 'infer.checkpoint': str(tmp / 'seam_export'),
+               'rw.checkpoint': str(tmp / 'affinity_export'), 'infer.scales': [1.0], 'infer.batch_size': 4,
+               'infer.threads': 1, 'infer.crf_workers': 1, 'eval.workers': 1, 'rw.workers': 1, 'rw.batch_size': 4,
+               'rw.save_scores': True}
+
+
+def run_processes(overrides, num_processes):
+  """Launch the worker in `num_processes` processes; returns their RESULT dicts (process order)."""
+  coordinator = f'127.0.0.1:{free_port()}'
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs = [subprocess.Popen([sys.executable, '-c', WORKER, json.dumps(
+      {'coordinator': coordinator, 'num_processes': num_processes, 'process_id': p, 'overrides': overrides})],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(num_processes)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=TIMEOUT_S)[0])
+  finally:
+    for p in procs:
+      p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return [json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[7:]) for out in outs]
+
+
+def outputs(workdir):
+  """Relative paths of every file a run wrote under its workdir."""
+  return sorted(os.path.relpath(os.path.join(d, f), workdir) for d, _, fs in os.walk(workdir) for f in fs)
+
+
+# Tolerance of the CAM and CRF values. Every network row is computed bitwise alike in both runs: one view per
+# device per step (infer.batch_size = 4 = the devices of each process), so each device runs the same compiled
+# program (one per padded shape) on the same input, whatever else is in the batch; the random walk's AffinityNet
+# rows likewise. Only the host's float32 post-processing could add terms in another order (BLAS blocking of the
+# merge's interpolation products): a CAM value sums at most 2 views x 4 x 4 interpolation taps, and reordering a
+# K-term float32 sum moves it by at most K * u * sum|terms| (u = 2^-24) <= 32 u of the class range; the per-class
+# normalisation (s - min) / (max - min) at most doubles that: 64 u on values in [0, 1]. The CRF maps are a
+# deterministic function of the image and these CAMs and are held to the same bound.
+TOL = 64 * 2.0 ** -24
+
+
+def assert_same_outputs(one, two, names):
+  for rel in names:
+    a, b = os.path.join(one, rel), os.path.join(two, rel)
+    if rel.endswith('.npy'):
+      da, db = files.load_npy_dict(a), files.load_npy_dict(b)
+      assert list(da) == list(db), rel
+      for k in da:
+        np.testing.assert_allclose(db[k], da[k], rtol=0, atol=TOL, err_msg=f'{rel} key {k}')
+    elif rel.startswith('rw/') and rel.endswith('.png'):
+      np.testing.assert_array_equal(np.asarray(Image.open(b)), np.asarray(Image.open(a)), err_msg=rel)
+    elif rel.endswith('results.json'):
+      ra, rb = (json.load(open(p)) for p in (a, b))
+      for k in ('pred_dir', 'gt_dir'):  # the paths of the two runs
+        ra.pop(k), rb.pop(k)
+      assert ra == rb, rel
+
+
+def test_two_processes_equal_one(data):
+  tmp, overrides = data
+  one, two = str(tmp / 'one'), str(tmp / 'two')
+  t = time.time()
+  [single] = run_processes(dict(overrides, workdir=one), 1)
+  wall_one = time.time() - t
+  t = time.time()
+  pair = run_processes(dict(overrides, workdir=two), 2)
+  wall_two = time.time() - t
+  names = outputs(one)
+  assert outputs(two) == names
+  ids = voc.read_list(os.path.join(overrides['data.list_dir'], 'train.txt'))
+  expected = {f'{d}/{i}.npy' for d in ('cam', 'crf_4.0', 'crf_24.0', 'rw') for i in ids} | {f'rw/{i}.png' for i in ids}
+  assert expected <= set(names) and all(n in expected or n.startswith('eval/') for n in names)
+  assert {'eval/cam/results.json', 'eval/crf/results.json', 'eval/rw/results.json'} <= set(names)
+  assert [r['cam_images'] for r in pair] == [4, 4] and single['cam_images'] == 8   # disjoint shares
+  assert_same_outputs(one, two, names)
+  print(f'\nCAM inference (incl. compilation), 8 images, 4 CPU devices per process: 1 process '
+        f'{single["cam_seconds"]:.1f} s; 2 processes {max(r["cam_seconds"] for r in pair):.1f} s '
+        f'(slowest process); whole worker runs {wall_one:.1f} s vs {wall_two:.1f} s')
+
+  # Restart with outputs of process 0's share deleted: only those are redone; process 1 has no work.
+  share0 = ids[0::2][:2]
+  removed = [f'cam/{share0[0]}.npy', f'crf_24.0/{share0[1]}.npy', f'rw/{share0[1]}.png']
+  before = {n: os.path.getmtime(os.path.join(two, n)) for n in names if n not in removed}
+  for n in removed:
+    os.remove(os.path.join(two, n))
+  again = run_processes(dict(overrides, workdir=two), 2)
+  assert [r['cam_images'] for r in again] == [1, 0]
+  assert outputs(two) == names
+  changed = {n for n, m in before.items() if os.path.getmtime(os.path.join(two, n)) != m}
+  assert changed <= {n for n in names if n.startswith('eval/')} | {f'rw/{share0[1]}.npy'}
+  assert_same_outputs(one, two, names)
