@@ -17,6 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo, voc12  # noqa: E402  pylint: disable=g-import-not-at-top
+from seam_jax.common import bucketing  # noqa: E402  pylint: disable=g-import-not-at-top
 from seam_jax.infer import crf, cam_inference  # noqa: E402  pylint: disable=g-import-not-at-top
 from seam_jax.models import build  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -59,13 +60,13 @@ def bench_cam(config, hw, images, batch):
 
   views = cam_inference.prepare_views(img, tuple(ic.scales), ic.flip, ic.bucket)
   t0 = time.perf_counter()
-  for shape in sorted({v.x.shape[:2] for v in views}):
-    engine.compile(shape)
+  for v in views:
+    engine.compile(v.arrays)                  # once per padded view shape
   compile_s = time.perf_counter() - t0
 
   def run(n):
     items = ((k, img, cam_inference.prepare_views(img, tuple(ic.scales), ic.flip, ic.bucket)) for k in range(n))
-    for _, im, outs in cam_inference.schedule(engine, items, ic.max_pending):
+    for _, im, outs in bucketing.schedule(engine, items, ic.max_pending):
       cam_inference.merge_views(outs, im.shape[:2], label)
   run(1)                                      # warm-up
   t0 = time.perf_counter()

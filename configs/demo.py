@@ -63,6 +63,17 @@ def get_config(variant=''):
   c.rw.alpha = 1.0
   c.rw.logt = 3
 
+  # Segmentation retrain on the random-walk labels of rw.list (no ImageNet weights: from the demo SEAM backbone).
+  c.seg.train_list = 'train'
+  c.seg.test_list = 'val'
+  c.seg.init_from_seam = True
+  c.seg.crop_size = 128
+  c.seg.max_steps = 300
+  c.seg.log_every = 10
+  c.seg.ckpt_every = 50
+  c.seg.scales = (0.75, 1.0, 1.25)
+  c.seg.bucket = 32
+
   # The `tiny` variant: every stage runs, nothing is learnt (tests/test_pipeline.py).
   if variant == 'tiny':
     c.workdir = 'work_dirs/tiny'
@@ -74,6 +85,8 @@ def get_config(variant=''):
     c.eval.workers = 1
     c.aff.update(crop_size=48, batch_size=4, max_steps=3, ckpt_every=2, fast_compile=True)
     c.rw.workers = 1
+    c.seg.update(crop_size=48, batch_size=4, bn_group=2, max_steps=3, ckpt_every=2, fast_compile=True, scales=(1.0,),
+                 test_batch_size=4, threads=2)
     c.pipeline.report_images = 3
   elif variant:
     raise ValueError(f'configs/demo.py: unknown variant {variant!r} (known: tiny)')

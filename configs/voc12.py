@@ -27,6 +27,10 @@ def get_config():
   c.data.num_workers = 4
   c.data.prefetch = 2
   c.data.on_error = 'raise'         # 'raise' or 'skip' (warn and count) for bad input files
+  # Colour jitter, normalisation and crop in the jitted train step (seam_jax.data.device_augment: the same numbers
+  # as the host path); host workers then only decode, resize and flip. False: all on the host.
+  c.data.device_augment = True
+  c.data.aff_canvas = 512           # AffinityNet's device canvas side (no resize there): >= the largest image side
 
   # Models (sections 1, 2, 6).
   c.model = ml_collections.ConfigDict()
@@ -115,7 +119,7 @@ def get_config():
 
   # Random walk (section 7).
   c.rw = ml_collections.ConfigDict()
-  c.rw.list = 'train'
+  c.rw.list = 'train_aug'           # the segmentation retrain learns from these labels (eval_rw scores eval.list)
   c.rw.checkpoint = ''              # '' = <workdir>/affinity/export
   c.rw.cam_dir = ''                 # '' = infer.cam_dir
   c.rw.out_dir = ''                 # '' = <workdir>/rw

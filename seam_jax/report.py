@@ -21,7 +21,7 @@ from seam_jax.common import files, visual
 from seam_jax.data import voc
 
 RUN_TITLES = {'seam': 'SEAM', 'baseline': 'CAM baseline'}
-TILE_HEIGHT = 160   # tiles of taller images are scaled down to this height
+TILE_HEIGHT = 128   # every tile is scaled to this height (label maps without interpolation)
 
 
 def pct(x):
@@ -139,7 +139,7 @@ def strip_columns(config):
   runs = run_configs(config)
   cols = [('image', 'image', config, lambda c, i, img: (img, 'image')),
           ('truth', 'ground truth', config, _label_tile(layout.gt_dir)),
-          ('cam', 'CAM', config, _cam_tile)]
+          ('cam', 'CAM (max over classes)', config, _cam_tile)]
   cols += [(f'crf_{float(a)}', f'CRF, alpha {float(a)}', config, _crf_tile(a)) for a in config.infer.crf_alphas]
   cols.append(('rw', 'random walk', config, _label_tile(layout.rw_dir)))
   if 'seg' in config:
@@ -152,10 +152,8 @@ def strip_columns(config):
 
 def _fit(rgb, kind):
   im = Image.fromarray(np.asarray(rgb, np.uint8))
-  if im.height > TILE_HEIGHT:
-    size = (max(1, round(im.width * TILE_HEIGHT / im.height)), TILE_HEIGHT)
-    im = im.resize(size, Image.NEAREST if kind == 'label' else Image.BOX)
-  return np.asarray(im)
+  size = (max(1, round(im.width * TILE_HEIGHT / im.height)), TILE_HEIGHT)
+  return np.asarray(im.resize(size, Image.NEAREST if kind == 'label' else Image.BILINEAR))
 
 
 def strip_ids(config, n):
@@ -168,8 +166,8 @@ def strip_ids(config, n):
 
 def write_strips(config, out_dir):
   """Tiles of report.html's image strips under out_dir/tiles; returns {'columns': [titles], 'rows': [{'id',
-  'tiles': [relative path or None]}], 'classes': [names present in the shown truth]}."""
-  cols, rows, present = strip_columns(config), [], set()
+  'tiles': [relative path or None]}]}."""
+  cols, rows = strip_columns(config), []
   for image_id in strip_ids(config, int(config.pipeline.report_images)):
     img = files.load_image(layout.image_path(config, image_id))
     tiles = []
@@ -181,13 +179,10 @@ def write_strips(config, out_dir):
       rel = os.path.join('tiles', f'{image_id}_{key}.png')
       files.save_rgb_png(os.path.join(out_dir, rel), _fit(*made))
       tiles.append(rel)
-    truth = _png(os.path.join(layout.gt_dir(config), image_id + '.png'))
-    present |= set() if truth is None else {int(v) for v in np.unique(truth) if v < voc.NUM_CLASSES}
     rows.append({'id': image_id, 'tiles': tiles})
   keep = [k for k in range(len(cols)) if any(r['tiles'][k] for r in rows)]
-  return {'columns': [cols[k][1] for k in keep], 'rows': [{'id': r['id'], 'tiles': [r['tiles'][k] for k in keep]}
-                                                          for r in rows],
-          'classes': [voc.CLASSES[c] for c in sorted(present)]}
+  return {'columns': [cols[k][1] for k in keep],
+          'rows': [{'id': r['id'], 'tiles': [r['tiles'][k] for k in keep]} for r in rows]}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -239,7 +234,7 @@ def _stage_section(s):
                            + _num(f'{pre}/scores/{name}/miou_present', sc['miou_present'])
                            if name else '<td></td><td></td><td></td>'))
       cells = '<td></td>' * 5
-  head = ['run', 'stage', 'status', 'time now (s)', 'time of the run that made the outputs (s)', 'evaluation',
+  head = ['run', 'stage', 'status', 'time of this run (s)', 'outputs made in (s)', 'evaluation',
           'mIoU, 21 classes (%)', 'mIoU, present classes (%)']
   return '<h2>Stages</h2>' + _table(head, rows)
 
@@ -288,8 +283,9 @@ def _figures_section(s):
                    f'background threshold</figcaption></figure>' for r, p in s['curves'].items())
   st = s['strips']
   pal = files.voc_palette()
-  legend = ''.join(f'<span class="sw" style="background:rgb{tuple(int(v) for v in pal[voc.CLASSES.index(c)])}">'
-                   f'</span>{c} ' for c in st['classes'])
+  present = {c for r in s['runs'].values() for sc in r.values() for c in sc['present']}
+  legend = ''.join(f'<span class="sw" style="background:rgb{tuple(int(v) for v in pal[k])}"></span>{c} '
+                   for k, c in enumerate(voc.CLASSES) if c in present)
   rows = [f'<td>{html.escape(r["id"])}</td>' + ''.join(
       f'<td><img src="{html.escape(t)}"></td>' if t else '<td class="na">missing</td>' for t in r['tiles'])
           for r in st['rows']]

@@ -1,7 +1,8 @@
 """The pipeline's stages, in order: the one registry that `python -m seam_jax`, pipeline.py and the root entry points
 share.
 
-  demo -> prepare -> train -> infer -> crf -> eval_cam -> eval_crf -> train_aff -> rw -> eval_rw
+  demo -> prepare -> train -> infer -> crf -> eval_cam -> eval_crf -> train_aff -> rw -> eval_rw -> train_seg ->
+  test_seg -> eval_seg
 
 A stage is `run(config, force=False, **options) -> summary dict` plus the files it writes and reads (seam_jax.layout
 paths). Its outputs are *complete* when every output exists and none is older than the newest input: the pipeline
@@ -221,7 +222,28 @@ def run_rw(config, force=False):
   return random_walk.run(_forced(config, 'rw', force)) or {}
 
 
-eval_stage('eval_rw', lambda c: [('rw', layout.rw_dir(c), 'png', c.rw.list)])
+eval_stage('eval_rw', lambda c: [('rw', layout.rw_dir(c), 'png', c.eval.list)])   # rw.list may be train_aug
+
+
+# Segmentation retrain on the random-walk labels (RETRAIN_SPEC), its multi-scale test and evaluation.
+def _seg_task(config):
+  from seam_jax.train import seg_task  # pylint: disable=g-import-not-at-top
+  return seg_task.seg_task(config)
+
+
+_train_stage('train_seg', 'seg', _seg_task,
+             inputs=lambda c: _per_id(layout.seg_label_dir(c), _ids(c, c.seg.train_list), '.png'))
+
+
+@stage('test_seg', outputs=lambda c: _per_id(layout.seg_pred_dir(c), _ids(c, c.seg.test_list), '.png'),
+       inputs=lambda c: [_weights_file(layout.seg_weights(c))])
+def run_test_seg(config, force=False):
+  """Multi-scale + flip (+ CRF) label PNGs of seg.test_list with the segmentation net."""
+  from seam_jax.infer import seg_inference  # pylint: disable=g-import-not-at-top
+  return seg_inference.run_test(_forced(config, 'seg', force))
+
+
+eval_stage('eval_seg', lambda c: [('seg', layout.seg_pred_dir(c), 'png', c.seg.test_list)])
 
 
 # ------------------------------------------------------------------------------------------------ selection

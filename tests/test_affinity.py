@@ -271,17 +271,19 @@ def test_loader_and_loss_fn(aff_config):
   loader, n = task.make_loader(0)
   assert n == 4
   batch = next(iter(loader))
-  assert batch['image'].shape == (2, 48, 48, 3) and batch['aff_labels'].shape == (2, 3, 4, 5, 4)
+  b = {k: jnp.asarray(v) for k, v in batch.items() if k != 'id'}
+  images = task.input_images(b)     # the config's device augmentation finishes the image in the step
+  assert images.shape == (2, 48, 48, 3) and batch['aff_labels'].shape == (2, 3, 4, 5, 4)
   model = models.build('affinity', aff_config.model)
   variables = random_variables(model)
   fn = jax.jit(lambda v, b, r: jax.value_and_grad(lambda p: task.loss_fn(
       model, {'params': p, 'batch_stats': v['batch_stats']}, b, r, 0), has_aux=True)(v['params']))
-  b = {k: jnp.asarray(v) for k, v in batch.items() if k != 'id'}
   (loss, metrics), grads = fn(variables, b, jax.random.PRNGKey(0))
-  feats = jax.jit(model.apply)(variables, b['image'])
+  feats = jax.jit(model.apply)(variables, images)
   ref = al.affinity_loss(pair_affinity(feats, 2), b['aff_labels'])[0]
   assert np.isfinite(loss) and abs(float(loss) - float(ref)) > 0       # dropout active in training mode
-  eval_loss = at.make_loss_fn(5, train=False)(model, variables, b, jax.random.PRNGKey(0), 0)[0]
+  eval_loss = at.make_loss_fn(5, train=False, input_images=task.input_images)(
+      model, variables, b, jax.random.PRNGKey(0), 0)[0]
   np.testing.assert_allclose(eval_loss, ref, rtol=1e-5)
   assert float(jnp.abs(grads['f9']['kernel']).sum()) > 0
   assert set(metrics) >= {'bg_loss', 'fg_loss', 'neg_loss', 'bg_cnt', 'fg_cnt', 'neg_cnt'}

@@ -191,6 +191,18 @@ def test_partial_batches_and_resume(run):
   assert os.path.getmtime(os.path.join(cam_dir, '2007_00000A.npy')) == mtime
 
 
+def test_device_loop_batch_and_compile_cache():
+  loop = bucketing.DeviceLoop(lambda v, b: b['x'] * v, np.float32(2), 3)
+  n = jax.local_device_count()
+  assert loop.mesh.size == n and loop.batch_size == -(-3 // n) * n   # rounded up to the local devices
+  x = np.arange(loop.batch_size * 2, dtype=np.float32).reshape(loop.batch_size, 2)
+  np.testing.assert_array_equal(np.asarray(loop({'x': x})), 2 * x)
+  loop({'x': x + 1})
+  assert loop.compilations == 1
+  loop({'x': np.zeros((loop.batch_size, 3), np.float32)})
+  assert loop.compilations == 2
+
+
 class FakeEngine:
   """Stands in for CamEngine: output = an id of the view (valid H * 1000 + W + first xs value)."""
   batch_size = 4
@@ -218,8 +230,9 @@ def test_schedule_routes_every_view_to_its_image():
       arrays = {'x': np.zeros((ph, pw, 3), np.float32), 'valid': np.array(hw, np.int32), 'xs': xs}
       views.append(bucketing.Piece(arrays, (hw, bool(vi % 2)), bucketing.grid_size(*hw)))
     items.append((k, views, views))
+  items.insert(3, (7, [], []))   # an item without pieces completes at once
   done = list(bucketing.schedule(FakeEngine(), iter(items), max_pending=2))
-  assert sorted(d[0] for d in done) == list(range(7))
+  assert sorted(d[0] for d in done) == list(range(8)) and (7, [], []) in done
   for k, views, outs in done:
     for v, (rv, (hw, flipped)) in zip(views, outs):
       assert (hw, flipped) == v.meta
@@ -228,7 +241,8 @@ def test_schedule_routes_every_view_to_its_image():
 
 
 def test_padding_is_exact_on_its_own(net, run):
-  """The masked network on a padded batch equals SEAM on each unpadded view (upsampled as SEAM does)."""
+  """The masked network on a padded batch equals SEAM on each unpadded view (upsampled as SEAM does), for the
+  PCM's cam_rv and the classifier's cam (branch 'cam')."""
   _, model, variables = net
   engine = run[1]  # 64 x 64 is compiled already
   apply = jax.jit(model.apply)
@@ -238,11 +252,14 @@ def test_padding_is_exact_on_its_own(net, run):
   xs = np.zeros((8, 8, 8, 3), np.float32)
   valid = np.tile([64, 64], (8, 1)).astype(np.int32)
   x[:2], xs[:2], valid[:2] = ([v.arrays[k] for v in views] for k in ('x', 'xs', 'valid'))
-  out = np.asarray(engine({'x': x, 'valid': valid, 'xs': xs}))
+  batch = {'x': x, 'valid': valid, 'xs': xs}
+  out = np.asarray(engine(batch))
+  out_cam = np.asarray(cam_inference.CamEngine(variables, net[0], 8, branch='cam')(batch))  # the CAM baseline
   for k, v in enumerate(views):
-    ref = np.asarray(apply(variables, jnp.asarray(v.arrays['x'][None, :37, :45]))[1][0, ..., 1:])
-    got = ops.resize_bilinear(jnp.asarray(out[k:k + 1, :5, :6]), (37, 45), align_corners=True)[0]
-    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+    cam, ref = (np.asarray(r[0, ..., 1:]) for r in apply(variables, jnp.asarray(v.arrays['x'][None, :37, :45])))
+    for o, want in ((out, ref), (out_cam, cam)):
+      got = ops.resize_bilinear(jnp.asarray(o[k:k + 1, :5, :6]), (37, 45), align_corners=True)[0]
+      np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
   plain = np.asarray(apply(variables, jnp.asarray(views[1].arrays['x'][None]))[1][0, :37, :45, 1:])
   assert np.abs(plain - ref).max() > 1e-2 * np.abs(ref).max()  # unmasked padding would change the result
 

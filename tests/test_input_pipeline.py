@@ -11,6 +11,7 @@ import pytest
 from configs import demo as demo_config
 from seam_jax.common import errors, files
 from seam_jax.data import demo_data
+from seam_jax.data import device_augment
 from seam_jax.data import input_pipeline as ip
 from seam_jax.data import prepare
 from seam_jax.data import voc
@@ -26,6 +27,7 @@ def demo(tmp_path_factory):
   c.data.train_list = 'train'
   c.data.crop_size, c.data.resize_long = 48, (40, 64)
   c.train.batch_size = 4
+  c.data.device_augment = False     # the host path; test_device_augment_loader covers the other
   demo_data.generate(c.data.voc_root, num_train=16, num_val=4, num_aug=4, image_size=(40, 56), seed=2)
   prepare.prepare(c)
   return c
@@ -114,9 +116,9 @@ def test_process_sharding_splits_the_global_batch(monkeypatch):
   for p in range(2):
     monkeypatch.setattr(jax, 'process_index', lambda p=p: p)
     local = take(iter(ip.make_loader(RangeSource(20), key_and_draw, global_batch_size=8, seed=5)), 3)
-    for w, l in zip(whole, local):              # process p holds rows p, p + 2, ... of the global batch
-      np.testing.assert_array_equal(l['key'], w['key'][p::2])
-      np.testing.assert_array_equal(l['draw'], w['draw'][p::2])
+    for w, l in zip(whole, local):              # process p holds rows [4 p, 4 p + 4) of the global batch
+      np.testing.assert_array_equal(l['key'], w['key'][4 * p:4 * p + 4])
+      np.testing.assert_array_equal(l['draw'], w['draw'][4 * p:4 * p + 4])
 
 
 def test_seam_loader_batches(demo):
@@ -131,6 +133,27 @@ def test_seam_loader_batches(demo):
   assert_batches_equal([b], [again])
   other = next(iter(ip.seam_train_loader(demo, seed=1)[0]))
   assert not np.array_equal(b['image'], other['image'])
+
+
+def test_device_augment_loader(demo):
+  """device_augment batches hold uint8 canvases and the draws; finished on the device they are the host batches."""
+  c = demo.copy_and_resolve_references()
+  c.data.device_augment = True
+  c.data.jitter = (0.3, 0.3, 0.3, 0.1)
+  host = take(iter(ip.seam_train_loader(_host(c))[0]), 2)
+  batches = take(iter(ip.seam_train_loader(c)[0]), 2)
+  side = c.data.resize_long[1]
+  for b, h in zip(batches, host):
+    assert set(b) == set(device_augment.KEYS) | {'label'} and 'image' not in b
+    assert b['canvas'].shape == (4, side, side, 3) and b['canvas'].dtype == np.uint8
+    np.testing.assert_array_equal(b['label'], h['label'])
+    np.testing.assert_array_equal(device_augment.batch_images(b, c.data.crop_size), h['image'])
+
+
+def _host(config):
+  c = config.copy_and_resolve_references()
+  c.data.device_augment = False
+  return c
 
 
 def test_state_restore_is_exact(demo):

@@ -3,8 +3,6 @@ CAM inference, CRF, random walk and evaluation write the same files with the sam
 results.json numbers; a restart with some outputs deleted redoes exactly those (one process then has no work)."""
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -16,7 +14,7 @@ import pytest
 
 from configs import demo
 from seam_jax import layout, models
-from seam_jax.common import files
+from seam_jax.common import distributed, files
 from seam_jax.data import demo_data, prepare, voc
 from seam_jax.models import export
 
@@ -68,12 +66,6 @@ def random_variables(model, seed):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
   """A tiny demo set with its lists, and random SEAM / AffinityNet exports: the config overrides every run shares."""
@@ -96,21 +88,13 @@ def data(tmp_path_factory):
 
 def run_processes(overrides, num_processes):
   """Launch the worker in `num_processes` processes; returns their RESULT dicts (process order)."""
-  coordinator = f'127.0.0.1:{free_port()}'
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  procs = [subprocess.Popen([sys.executable, '-c', WORKER, json.dumps(
+  runs = distributed.launch_local(lambda p, coordinator: [sys.executable, '-c', WORKER, json.dumps(
       {'coordinator': coordinator, 'num_processes': num_processes, 'process_id': p, 'overrides': overrides})],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(num_processes)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=TIMEOUT_S)[0])
-  finally:
-    for p in procs:
-      p.kill()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  return [json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[7:]) for out in outs]
+                                  num_processes, env, ROOT, TIMEOUT_S)
+  for code, out in runs:
+    assert code == 0, out[-3000:]
+  return [json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[7:]) for _, out in runs]
 
 
 def outputs(workdir):
@@ -179,3 +163,19 @@ def test_two_processes_equal_one(data):
   changed = {n for n, m in before.items() if os.path.getmtime(os.path.join(two, n)) != m}
   assert changed <= {n for n in names if n.startswith('eval/')} | {f'rw/{share0[1]}.npy'}
   assert_same_outputs(one, two, names)
+
+
+def test_process_share_splits_every_id_once(monkeypatch):
+  ids = [f'id{k}' for k in range(11)]
+  assert distributed.process_count() == 1 and distributed.is_main()   # no jax.distributed in this process
+  assert distributed.process_share(ids) == ids
+  distributed.barrier('nothing to wait for')
+  x = np.arange(6, dtype=np.int64).reshape(2, 3)
+  assert distributed.sum_over_processes(x) is x
+  for n in (2, 3, 4):
+    monkeypatch.setattr(distributed, 'process_count', lambda n=n: n)
+    shares = []
+    for p in range(n):
+      monkeypatch.setattr(distributed, 'process_index', lambda p=p: p)
+      shares.append(distributed.process_share(ids))
+    assert sorted(i for s in shares for i in s) == sorted(ids) and all(shares)

@@ -1,12 +1,15 @@
 """Generic trainer: data-parallel step equals the single-device step, bit-exact resume through the real
-checkpoint code, kind mismatch error, logs and export (8 fake CPU devices, narrow SEAM net)."""
+checkpoint code (also past a damaged newest checkpoint), kind mismatch error, logs and export, a non-finite loss
+stops training (8 fake CPU devices, narrow SEAM net)."""
 import dataclasses
 import glob
 import json
 import os
+import shutil
 import struct
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
@@ -160,10 +163,10 @@ def test_data_parallel_step_matches_single_device(runs):
   state0 = host(trainer.state_from_variables(runs['resumed'], tx))
   batch = next(iter(task.make_loader(0)[0]))
   results = []
-  for mesh, seed in ((trainer.make_mesh(jax.devices()[:1]), 7), (trainer.make_mesh(), 7), (trainer.make_mesh(), 8)):
+  for mesh, seed in ((sharding.make_mesh(jax.devices()[:1]), 7), (sharding.make_mesh(), 7), (sharding.make_mesh(), 8)):
     step = trainer.jit_train_step(trainer.make_train_step(model, task, tx), mesh, fast_compile=True)
-    state, metrics = step(trainer.replicate(state0, mesh), trainer.shard_batch(batch, mesh),
-                          trainer.replicate(jax.random.PRNGKey(seed), mesh))
+    state, metrics = step(sharding.replicate(state0, mesh), sharding.shard_batch(batch, mesh),
+                          sharding.replicate(jax.random.PRNGKey(seed), mesh))
     deltas = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, host(state.params), state0.params)
     results.append((jax.tree.leaves(deltas), host(metrics)))
   assert jax.device_count() == 8
@@ -178,3 +181,34 @@ def test_data_parallel_step_matches_single_device(runs):
   for a, b, c, m in zip(d1, d8, d_other, moved):
     assert norm(b - a) <= rtol * norm(a) if m else not b.any() and not c.any()
   assert all(norm(c - a) > rtol * norm(a) for a, c, m in zip(d1, d_other, moved) if m)
+
+
+def test_damaged_newest_checkpoint_is_skipped(runs, tmp_path, caplog):
+  """The finished run's newest step with a truncated data file: a warning, the step moved aside, training resumes
+  from the step before and ends bit-identical to the uninterrupted run."""
+  config = make_config(tmp_path, image_summaries=False)
+  shutil.copytree(runs['root'] / 'resumed/seam/ckpt', tmp_path / 'seam/ckpt')
+  [data] = glob.glob(str(tmp_path / 'seam/ckpt/6/state/d/*'))
+  with open(data, 'r+b') as f:
+    f.truncate(os.path.getsize(data) // 2)
+  final = trainer.train(config, task_for(config))
+  assert any('checkpoint step 6' in r.getMessage() and 'resuming from step 4' in r.getMessage()
+             for r in caplog.records if r.levelname == 'WARNING')
+  assert os.path.isdir(tmp_path / 'seam/ckpt_damaged/6')
+  for a, b in zip(jax.tree.leaves(runs['straight']), jax.tree.leaves(final)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_stops_training(tmp_path):
+  """A loss that turns NaN from step 4 on: a DataError naming step 4 and its metrics; the checkpoint of step 2
+  stays, nothing later is saved and nothing is exported."""
+  config = make_config(tmp_path, image_summaries=False)
+  task = task_for(config)
+
+  def loss_fn(model, variables, batch, rng, step):
+    loss, metrics = task.loss_fn(model, variables, batch, rng, step)
+    return loss * jnp.where(step >= 3, jnp.nan, 1.), metrics
+  with pytest.raises(DataError, match=r'^seam: non-finite loss at step 4: .*loss=nan.*checkpoint \(step 2\)'):
+    trainer.train(config, dataclasses.replace(task, loss_fn=loss_fn))
+  assert sorted(os.listdir(tmp_path / 'seam/ckpt')) == ['2']
+  assert not os.path.exists(tmp_path / 'seam/export')

@@ -54,3 +54,13 @@ def t_seam_loss(cam1, rv1, cam2, rv2, label, scale, ratio=0.2):
          t_topk_mean(torch.abs(t_onehot(cam1.detach()) - rv2), ratio))
   cls = (cls1 + cls2) / 2 + (min1 + min2) / 2
   return cls + er + ecr, {'cls': cls, 'er': er, 'ecr': ecr}
+
+
+def t_affinity_loss(aff, bg_pos, fg_pos, neg):
+  """The original AffinityNet loss (SEAM_SPEC section 6) over the whole batch: aff (N, P, hf*wf) and the three
+  float 0/1 pair masks of the same shape."""
+  cnt = [m.sum() + 1e-5 for m in (bg_pos, fg_pos, neg)]
+  bg = torch.sum(-bg_pos * torch.log(aff + 1e-5)) / cnt[0]
+  fg = torch.sum(-fg_pos * torch.log(aff + 1e-5)) / cnt[1]
+  ng = torch.sum(-neg * torch.log(1. + 1e-5 - aff)) / cnt[2]
+  return bg / 4 + fg / 4 + ng / 2

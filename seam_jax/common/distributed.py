@@ -2,8 +2,8 @@
 
 An inference-type stage gives each process `process_share(ids)` of its list, each process writes the outputs of its
 share (atomic files, so a restart redoes exactly the missing ones), and the stage ends with `barrier(name)` so that
-the next stage sees every output. Without `initialize` (one process) every function here is a no-op or the
-identity and never starts a JAX backend (a CRF-only run needs none).
+the next stage sees every output. Without `initialize` (one process) these are no-ops or the identity and never
+start a JAX backend (a CRF-only run needs none). `launch_local` starts a group of processes on one machine.
 
 Barriers and sums go through the coordination service's client (its barrier and key-value store, as orbax does),
 not through device collectives: nothing to compile, explicit time-outs, and int64 sums stay exact (a device
@@ -11,6 +11,9 @@ all-gather would cast them to int32 with jax_enable_x64 off).
 """
 import io
 import itertools
+import socket
+import subprocess
+import tempfile
 
 from absl import logging
 import jax
@@ -87,3 +90,33 @@ def sum_over_processes(x, name='sum', timeout_s=BARRIER_TIMEOUT_S):
   for p in parts[1:]:
     total += p
   return total
+
+
+def free_port():
+  """A TCP port of 127.0.0.1 free at this moment (for a coordinator on this machine)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def launch_local(command, num_processes, env=None, cwd=None, timeout_s=None):
+  """Run `command(process_id, coordinator_address)` (an argv list) as `num_processes` processes on this machine
+  around one coordinator at 127.0.0.1 and wait for all (tests, trying a multi-host set-up on one machine).
+  Returns [(returncode, stdout + stderr text)] in process order. Outputs go to files, not pipes, so a chatty
+  process never blocks the others at a barrier; on a time-out (subprocess.TimeoutExpired) all are killed."""
+  coordinator = f'127.0.0.1:{free_port()}'
+  logs = [tempfile.TemporaryFile('w+') for _ in range(num_processes)]
+  procs = [subprocess.Popen(command(p, coordinator), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            text=True) for p, log in enumerate(logs)]
+  try:
+    for p in procs:
+      p.wait(timeout_s)
+  finally:
+    for p in procs:
+      p.kill()
+  outs = []
+  for log in logs:
+    log.seek(0)
+    outs.append(log.read())
+    log.close()
+  return [(p.returncode, out) for p, out in zip(procs, outs)]

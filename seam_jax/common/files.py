@@ -1,5 +1,8 @@
 """File I/O shared by every stage: atomic writes (temp name, then rename) and readers that turn a missing or
-corrupt file into one DataError naming it."""
+corrupt file into one DataError naming it. Pickled .npy files (CAM / CRF dicts, cls_labels.npy) are read by a
+restricted unpickler: numpy arrays, dicts, lists, tuples and scalars only, so a file that names any other callable
+(a pickle that would run code) is refused before anything runs."""
+import collections
 import contextlib
 import os
 import pickle
@@ -8,6 +11,11 @@ import numpy as np
 from PIL import Image
 
 from seam_jax.common.errors import DataError
+
+try:
+  from numpy._core import multiarray as _multiarray   # numpy >= 2 (1.x pickles name numpy.core: mapped below)
+except ImportError:  # pragma: no cover - numpy 1.x
+  from numpy.core import multiarray as _multiarray
 
 
 @contextlib.contextmanager
@@ -68,14 +76,50 @@ def save_npy_dict(path, d):
   atomic_write(path, lambda f: np.save(f, d, allow_pickle=True))
 
 
-def load_npy_dict(path):
-  """The dict of an np.save'd pickle (CAM / CRF / score files); missing or truncated -> DataError naming it."""
+class _SafeUnpickler(pickle.Unpickler):
+  """What np.save pickles for arrays of objects (dicts of arrays, numpy scalars) and nothing else."""
+  ALLOWED = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+             ('collections', 'OrderedDict'): collections.OrderedDict}
+  ALLOWED.update({(m, n): getattr(_multiarray, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray')
+                  for n in ('_reconstruct', 'scalar')})
+
+  def find_class(self, module, name):
+    if (module, name) not in self.ALLOWED:
+      raise pickle.UnpicklingError(f'refused to unpickle {module}.{name}: only numpy arrays, dicts, lists and '
+                                   'scalars are allowed')
+    return self.ALLOWED[module, name]
+
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def read_npy(path):
+  """np.load of a .npy file, pickled object arrays through the restricted unpickler; DataError naming a missing,
+  truncated or refused file."""
   if not os.path.isfile(path):
     raise DataError(f'file not found: {path}')
   try:
-    return np.load(path, allow_pickle=True).item()
-  except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
+    with open(path, 'rb') as f:
+      version = np.lib.format.read_magic(f)
+      if version not in _NPY_HEADERS:
+        raise ValueError(f'unsupported .npy format version {version}')
+      _, _, dtype = _NPY_HEADERS[version](f)
+      if dtype.hasobject:
+        return _SafeUnpickler(f).load()
+      f.seek(0)
+      return np.load(f, allow_pickle=False)
+  except (OSError, ValueError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError) as e:
     raise DataError(f'cannot read {path}: {e}') from None
+
+
+def load_npy_dict(path):
+  """The dict of an np.save'd pickle (CAM / CRF / score files); missing, truncated, not a dict or refused by the
+  restricted unpickler -> DataError naming it."""
+  d = read_npy(path)
+  d = d.item() if isinstance(d, np.ndarray) and d.shape == () else d
+  if not isinstance(d, dict):
+    raise DataError(f'{path} does not hold a dict (np.save of a dict expected)')
+  return d
 
 
 def _open_image(path, read, what='image'):

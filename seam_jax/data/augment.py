@@ -4,12 +4,17 @@ Every random function takes an explicit `np.random.Generator`, so an augmented e
 generator's seed alone (the input pipeline derives it from (seed, index); see input_pipeline.py). Pixel operations
 run in Pillow exactly as the original's PIL/torchvision pipeline does, so for the same draws the pixels match.
 Layout is HWC throughout (NHWC batches); the original's final HWC -> CHW step has no counterpart.
+
+The photometric half (colour jitter, normalisation, crop) also exists on the device (seam_jax.data.device_augment):
+`photometric_record` packs what it needs (the uint8 image in a fixed canvas and the draws), so host workers only
+decode, resize and flip.
 """
 import dataclasses
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from seam_jax.common.errors import DataError
 from seam_jax.data import voc
 
 
@@ -67,12 +72,18 @@ def adjust_saturation(img, factor):
   return _like(ImageEnhance.Color(_pil(img)).enhance(factor), img)
 
 
-def adjust_hue(img, shift):
-  """torchvision's PIL adjust_hue: add int8(shift * 255) to the uint8 HSV hue channel, wrapping around 256."""
+def hue_levels(shift):
+  """The hue shift in uint8 hue levels: torchvision's int8(shift * 255) (truncation toward zero)."""
   if not -0.5 <= shift <= 0.5:
     raise ValueError(f'hue shift {shift} is not in [-0.5, 0.5]')
+  return int(np.trunc(shift * 255))
+
+
+def adjust_hue(img, shift):
+  """torchvision's PIL adjust_hue: add int8(shift * 255) to the uint8 HSV hue channel, wrapping around 256."""
+  levels = hue_levels(shift)
   h, s, v = _pil(img).convert('HSV').split()
-  h = (np.asarray(h, np.int64) + int(np.trunc(shift * 255))) % 256
+  h = (np.asarray(h, np.int64) + levels) % 256
   out = Image.merge('HSV', (Image.fromarray(h.astype(np.uint8), 'L'), s, v)).convert('RGB')
   return _like(out, img)
 
@@ -171,15 +182,40 @@ def random_crop(*arrays, size, rng):
   return tuple(crop_with_box(a, box) for a in arrays), box
 
 
-def seam_train_augment(img_uint8, rng, data_config):
-  """SEAM's per-image training augmentation, section 3 order: random long-side resize, flip (p 0.5), colour
-  jitter, normalise, random crop (zero padding in normalised space) -> float32 (crop, crop, 3).
-
-  `data_config` needs resize_long (low, high), jitter (b, c, s, h) and crop_size (config.data).
-  """
+def seam_train_draws(img_uint8, rng, data_config):
+  """The geometric half of seam_train_augment and every random draw, in its order: (resized and flipped PIL
+  image, jitter (order, factors), CropBox). `data_config` needs resize_long (low, high), jitter (b, c, s, h) and
+  crop_size (config.data)."""
   low, high = data_config.resize_long
   img = random_resize_long(_pil(img_uint8), low, high, rng)
   img, _ = random_hflip(img, rng)
-  img = color_jitter(img, *data_config.jitter, rng)
-  box = random_crop_box((img.height, img.width), data_config.crop_size, rng)
-  return crop_with_box(img, box, fn=normalize)
+  jitter = jitter_params(*data_config.jitter, rng)
+  return img, jitter, random_crop_box((img.height, img.width), data_config.crop_size, rng)
+
+
+def seam_train_augment(img_uint8, rng, data_config):
+  """SEAM's per-image training augmentation, section 3 order: random long-side resize, flip (p 0.5), colour
+  jitter, normalise, random crop (zero padding in normalised space) -> float32 (crop, crop, 3)."""
+  img, jitter, box = seam_train_draws(img_uint8, rng, data_config)
+  return crop_with_box(apply_jitter(img, *jitter), box, fn=normalize)
+
+
+def photometric_record(img, jitter, box, canvas_side, flip=False, name='image'):
+  """What seam_jax.data.device_augment needs to finish an augmentation on the device: the uint8 image top-left in
+  a zero (canvas_side, canvas_side, 3) canvas (a fixed shape: one compilation), its size, the crop box, the
+  jitter draws and the final flip. An image larger than the canvas is a DataError naming `name`."""
+  img = np.asarray(img, np.uint8)
+  h, w = img.shape[:2]
+  if max(h, w) > canvas_side:
+    raise DataError(f'{name}: {h}x{w} pixels exceed the device-augmentation canvas of {canvas_side} '
+                    '(raise config.data.aff_canvas, or set config.data.device_augment=False)')
+  canvas = np.zeros((canvas_side, canvas_side, 3), np.uint8)
+  canvas[:h, :w] = img
+  order, factors = jitter
+  return {'canvas': canvas, 'canvas_hw': np.array([h, w], np.int32),
+          'crop_box': np.array([box.cont_top, box.cont_left, box.img_top, box.img_left], np.int32),
+          'jitter_order': np.asarray(order, np.int32),
+          'jitter_on': np.array([f is not None for f in factors]),
+          'jitter_factor': np.array([1. if f is None else (hue_levels(f) if i == 3 else f)
+                                     for i, f in enumerate(factors)], np.float32),
+          'flip': np.bool_(flip)}

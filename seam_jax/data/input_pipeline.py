@@ -142,6 +142,27 @@ class _Stream:
     return f'_Stream({self.source!r}, {self.order!r})'
 
 
+class _ProcessRows:
+  """Process p's part of the global stream: its m-th element is row p b + m % b of global batch m // b (b = B / P
+  rows each). The rows a process holds are the ones its devices hold in the global array (jax orders a mesh's
+  devices process by process), so P processes see the same global batch, row for row, as one process."""
+
+  def __init__(self, stream, global_batch_size, count, index):
+    self.stream, self.batch, self.count, self.index = stream, global_batch_size, count, index
+    self.rows = global_batch_size // count
+
+  def __len__(self):
+    full, last = divmod(len(self.stream), self.batch)
+    return full * self.rows + min(max(last - self.index * self.rows, 0), self.rows)
+
+  def __getitem__(self, m):
+    j, i = divmod(m, self.rows)
+    return self.stream[j * self.batch + self.index * self.rows + i]
+
+  def __repr__(self):
+    return f'_ProcessRows({self.stream!r}, batch={self.batch}, process={self.index}/{self.count})'
+
+
 @dataclasses.dataclass(frozen=True)
 class _AugmentRecord:
   """(k, record) -> augment_fn(record, rng) with rng = np.random.default_rng((seed, k))."""
@@ -158,9 +179,9 @@ def make_loader(source, augment_fn, *, global_batch_size, seed, shuffle=True, nu
   """grain pipeline of batches of `augment_fn(record, rng) -> dict of arrays`, sharded over JAX processes.
 
   Global stream position k holds record EpochOrder[k] augmented with rng default_rng((seed, k)); global batch j
-  is positions [j B, (j + 1) B) and this process gets its rows p, p + P, ... (B / P rows). Batching happens before
-  the worker processes split the work, so the stream is the same for any worker_count. `source[i]` may return
-  None for a record to skip. `augment_fn` must be picklable (cloudpickle) when worker_count > 0.
+  is positions [j B, (j + 1) B) and process p of P gets its rows [p b, (p + 1) b), b = B / P (_ProcessRows).
+  Batching happens before the worker processes split the work, so the stream is the same for any worker_count.
+  `source[i]` may return None for a record to skip. `augment_fn` must be picklable (cloudpickle) when worker_count > 0.
   Returns a grain IterDataset: `it = iter(loader)`, `it.get_state()` / `it.set_state(state)` resume exactly.
   """
   import jax  # pylint: disable=g-import-not-at-top  (lazy: spawned grain workers need not import jax)
@@ -172,7 +193,8 @@ def make_loader(source, augment_fn, *, global_batch_size, seed, shuffle=True, nu
   if per_epoch == 0:
     raise errors.DataError(f'{source!r}: {n} records, fewer than one global batch of {global_batch_size}')
   order = EpochOrder(n, per_epoch, shuffle=shuffle, seed=seed, num_epochs=num_epochs)
-  ds = grain.MapDataset.source(_Stream(source, order))[index::count]
+  stream = _Stream(source, order)
+  ds = grain.MapDataset.source(stream if count == 1 else _ProcessRows(stream, global_batch_size, count, index))
   ds = ds.map(_AugmentRecord(augment_fn, int(seed))).batch(global_batch_size // count, drop_remainder=drop_remainder)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, worker_buffer_size)))
   if worker_count:
@@ -185,17 +207,24 @@ def make_loader(source, augment_fn, *, global_batch_size, seed, shuffle=True, nu
 
 @dataclasses.dataclass(frozen=True)
 class SeamAugment:
-  """Record -> {'image': float32 (crop, crop, 3), 'label': float32[20]} (augment.seam_train_augment)."""
+  """Record -> {'image': float32 (crop, crop, 3), 'label': float32[20]} (augment.seam_train_augment), or with
+  `device` only the host half: the resized, flipped uint8 image in a (resize_long[1])^2 canvas and the draws
+  (augment.photometric_record), which seam_jax.data.device_augment finishes in the train step."""
   crop_size: int
   resize_long: tuple
   jitter: tuple
+  device: bool = False
 
   @classmethod
-  def from_config(cls, data_config):
-    return cls(int(data_config.crop_size), tuple(data_config.resize_long), tuple(data_config.jitter))
+  def from_config(cls, data_config, device=False):
+    return cls(int(data_config.crop_size), tuple(data_config.resize_long), tuple(data_config.jitter), bool(device))
 
   def __call__(self, record, rng):
-    return {'image': augment.seam_train_augment(record['image'], rng, self), 'label': record['label']}
+    if not self.device:
+      return {'image': augment.seam_train_augment(record['image'], rng, self), 'label': record['label']}
+    img, jitter, box = augment.seam_train_draws(record['image'], rng, self)
+    side = max(self.resize_long[1], self.crop_size)
+    return {**augment.photometric_record(img, jitter, box, side, name=record['id']), 'label': record['label']}
 
 
 def labelled_ids(ids, label_path, on_error='raise'):
@@ -216,17 +245,19 @@ def labelled_ids(ids, label_path, on_error='raise'):
 
 
 def seam_train_loader(config, seed=None):
-  """(loader of SEAM training batches {'image' (B,H,W,3), 'label' (B,20)} (make_loader), number of records).
+  """(loader of SEAM training batches {'image' (B,H,W,3), 'label' (B,20)} (make_loader), number of records); with
+  config.data.device_augment the batches hold the photometric records instead of 'image' (SeamAugment).
 
-  Reads config.data (voc_root, train_list in list_dir, cls_labels, crop/resize/jitter, num_workers, prefetch,
-  on_error), config.train.batch_size (global) and config.seed (unless `seed` is given). The stream is infinite:
-  the trainer stops after its step count.
+  Reads config.data (voc_root, train_list in list_dir, cls_labels, crop/resize/jitter, device_augment,
+  num_workers, prefetch, on_error), config.train.batch_size (global) and config.seed (unless `seed` is given).
+  The stream is infinite: the trainer stops after its step count.
   """
   d = config.data
   ids = layout.read_ids(config, d.train_list)
   ids, labels = labelled_ids(ids, layout.cls_labels(config), d.on_error)
   source = VOCClsSource(layout.voc_root(config), ids, labels, on_error=d.on_error)
-  loader = make_loader(source, SeamAugment.from_config(d), global_batch_size=config.train.batch_size,
+  augment_fn = SeamAugment.from_config(d, device=d.get('device_augment', False))
+  loader = make_loader(source, augment_fn, global_batch_size=config.train.batch_size,
                        seed=config.seed if seed is None else seed, worker_count=d.num_workers,
                        worker_buffer_size=max(1, d.prefetch))
   return loader, len(ids)

@@ -92,12 +92,20 @@ def check_id(voc_root, label_source, item):
       out.errors.append(str(e))
       return None
 
-  attempt(files.load_image, voc_path(voc_root, 'JPEGImages', image_id))
+  image_path = voc_path(voc_root, 'JPEGImages', image_id)
+  image = attempt(files.load_image, image_path)
+
+  def load_mask(path):   # a mask must cover its image pixel for pixel
+    m = voc.load_mask(path)
+    if image is not None and m.shape != image.shape[:2]:
+      raise errors.DataError(f'mask {path} is {m.shape[0]}x{m.shape[1]} but its image {image_path} is '
+                             f'{image.shape[0]}x{image.shape[1]}')
+    return m
   if in_voc_seg:
-    attempt(voc.load_mask, voc_path(voc_root, 'SegmentationClass', image_id))
+    attempt(load_mask, voc_path(voc_root, 'SegmentationClass', image_id))
   aug = voc_path(voc_root, 'SegmentationClassAug', image_id)
   if label_source == 'masks' or os.path.exists(aug):
-    m = attempt(voc.load_mask, aug)
+    m = attempt(load_mask, aug)
     out.mask = None if m is None else mask_label(m)
   ann = voc_path(voc_root, 'Annotations', image_id)
   if label_source == 'xml' or os.path.exists(ann):

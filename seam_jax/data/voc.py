@@ -36,11 +36,19 @@ def parse_id(line):
 
 
 def read_list(path):
-  """Ids of a list file (either format), in order."""
+  """Ids of a list file (either format), in order; a missing or empty list, or one naming an id twice, is a
+  DataError naming the file."""
   if not os.path.isfile(path):
     raise DataError(f'list file not found: {path}')
   with open(path) as f:
-    return [parse_id(l) for l in f if l.strip()]
+    ids = [parse_id(l) for l in f if l.strip()]
+  if not ids:
+    raise DataError(f'list file {path} is empty')
+  if len(set(ids)) < len(ids):
+    seen = set()
+    twice = [i for i in ids if i in seen or seen.add(i)]
+    raise DataError(f'list file {path} names {len(twice)} ids more than once, e.g. {sorted(set(twice))[:3]}')
+  return ids
 
 
 def resolve_list(name_or_path, list_dir):
@@ -59,7 +67,9 @@ def load_cls_labels(path):
   if not os.path.isfile(path):
     raise DataError(f'label file not found: {path} (run prepare.py first)')
   try:
-    d = np.load(path, allow_pickle=True).item()
+    d = files.read_npy(path).item()   # restricted unpickler: a pickle naming other callables is refused
+  except DataError:
+    raise
   except Exception as e:  # noqa: BLE001 - any decode failure is the same user error
     raise DataError(f'cannot read label file {path}: {e}') from None
   if not isinstance(d, dict):

@@ -12,8 +12,8 @@ views of the same padded shape share a batch and a compiled function (seam_jax.c
 EXACT: `seam_jax.models.seam.PaddedSEAM` masks every spatial conv's input to the view's valid region at that
 resolution (so the conv sees the same zeros as its own padding would give), and masks the CAM and the PCM features
 at stride 8 (the PCM and its max-normalisation are global over pixels); the per-view resize of the image feeding the
-PCM is computed on the host from the unpadded view. So every view's output equals the unpadded network's (up to float summation order).
-`infer.bucket = 1` disables padding (one compilation per distinct view shape).
+PCM is computed on the host from the unpadded view. So every view's output equals the unpadded network's (up to
+float summation order). `infer.bucket = 1` disables padding (one compilation per distinct view shape).
 """
 import concurrent.futures
 import functools

@@ -35,6 +35,7 @@ from seam_jax.models import convert
 from seam_jax.models.affinity import effective_radius, pair_affinity, pair_indices
 from seam_jax.train.affinity_labels import block_mean
 
+
 def walk_radius(h, w, radius):
   """Radius of the pairs on the feature grid of an h x w image (shrunk on small maps)."""
   return effective_radius(*grid_size(h, w), radius)

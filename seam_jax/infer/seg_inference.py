@@ -7,7 +7,8 @@ upsamples its stride-8 output to the view size, then the test resizes it to the 
 align_corners=True; a mirror's output is un-flipped) are averaged (QUIRK Q6: the mean of the logits), softmaxed over
 the 21 classes and, with seg.crf, refined by a dense CRF (seg.crf_iters = 1 mean-field iteration; Gaussian sxy 3
 compat 3, bilateral sxy 32 srgb 13 compat 10, on the de-normalised input truncated to uint8: QUIRK Q10); the argmax
-is written as a palette PNG <seg_pred_dir>/<id>.png and scored by seam_jax.infer.evaluation (pred_type png).
+is written as a palette PNG <seg_pred_dir>/<id>.png (scored by the eval_seg stage: seam_jax.infer.evaluation, pred_type
+png).
 
 Throughput: views of many images are zero-padded to multiples of seg.bucket and batched by padded shape
 (seam_jax.common.bucketing). The padding is exact: every spatial conv's input is zeroed outside the view's valid
@@ -30,7 +31,7 @@ from seam_jax import layout
 from seam_jax import models
 from seam_jax.common import bucketing, distributed, files, pools
 from seam_jax.data import seg_data
-from seam_jax.infer import cam_inference, crf, evaluation
+from seam_jax.infer import cam_inference, crf
 from seam_jax.models import convert
 from seam_jax.models import seam
 
@@ -45,13 +46,13 @@ class SegEngine(bucketing.DeviceLoop):
     model = models.build('deeplab', model_config)
 
     def forward(v, b):
-      with nn.intercept_methods(seam._mask_spatial_conv_inputs(b['valid'], b['x'].shape[1:3])):  # pylint: disable=protected-access
+      with nn.intercept_methods(seam.mask_spatial_conv_inputs(b['valid'], b['x'].shape[1:3])):
         return model.apply(v, b['x'], upsample=False)
     super().__init__(forward, {k: variables[k] for k in ('params', 'batch_stats')}, batch_size, mesh)
 
 
 @dataclasses.dataclass(frozen=True)
-class TestOptions:
+class SegTestOptions:
   scales: tuple = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
   flip: bool = True
   bucket: int = 64
@@ -66,7 +67,7 @@ class TestOptions:
     return cls(tuple(float(v) for v in s.scales), bool(s.flip), int(s.bucket), bool(s.crf), int(s.crf_iters))
 
 
-def test_views(img_norm, scales, flip):
+def multiscale_views(img_norm, scales, flip):
   """[(view, flipped)]: per scale the cv2 INTER_CUBIC resize (fx = fy = s) of the normalised float32 image, then
   its mirror if `flip` (the original's Multiscale + TEST_FLIP order)."""
   out = []
@@ -82,7 +83,7 @@ def prepare_views(img_norm, opts):
   """The test views of a normalised image as bucketing pieces: {'x': the view zero-padded to the bucket, 'valid':
   its (h, w)}, meta ((h, w), flipped), crop = the valid stride-8 region."""
   pieces = []
-  for v, flipped in test_views(img_norm, opts.scales, opts.flip):
+  for v, flipped in multiscale_views(img_norm, opts.scales, opts.flip):
     h, w = v.shape[:2]
     x = np.zeros((bucketing.padded(h, opts.bucket), bucketing.padded(w, opts.bucket), 3), np.float32)
     x[:h, :w] = v
@@ -149,7 +150,7 @@ def run_test(config, engine=None):
   """Label PNGs of config.seg.test_list in layout.seg_pred_dir for every id not done yet (all with seg.force); with
   several processes each does its share and all meet at a barrier. Returns this process's stats."""
   s = config.seg
-  opts = TestOptions.from_config(s)
+  opts = SegTestOptions.from_config(s)
   ids = layout.read_ids(config, s.test_list)
   out_dir = layout.seg_pred_dir(config)
   share = distributed.process_share(ids)
@@ -167,19 +168,4 @@ def run_test(config, engine=None):
                out_dir)
   distributed.barrier('test_seg')
   return stats
-
-
-def eval_config(config):
-  """config for seam_jax.infer.evaluation on the test labels: png predictions of seg.test_list in
-  layout.seg_pred_dir, results in layout.eval_dir(config, 'seg')."""
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    c.eval.pred_dir, c.eval.pred_type, c.eval.list = layout.seg_pred_dir(config), 'png', config.seg.test_list
-    c.eval.out_dir = layout.eval_dir(config, 'seg')
-  return c
-
-
-def evaluate(config):
-  """mIoU of the test labels against the ground truth (results.json in <eval_dir>/seg)."""
-  return evaluation.evaluate(eval_config(config))
 

@@ -16,6 +16,12 @@ from seam_jax.common.errors import DataError
 META = 'model.json'
 
 
+def _this_process_only():
+  """orbax options for the calling process alone: an export is written by one process and read by any subset (an
+  inference process with no images to do loads nothing), so no cross-process barrier."""
+  return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+
+
 def save_export(path, variables, kind, model_config):
   """Write `variables` as an export folder at `path` (replaced atomically if it exists)."""
   path = os.path.abspath(path)
@@ -24,7 +30,7 @@ def save_export(path, variables, kind, model_config):
     shutil.rmtree(tmp)
   os.makedirs(tmp)
   host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), dict(variables))
-  with ocp.StandardCheckpointer() as ckptr:
+  with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:  # no barrier
     ckptr.save(os.path.join(tmp, 'variables'), host)
     ckptr.wait_until_finished()
   with open(os.path.join(tmp, META), 'w') as f:
@@ -47,5 +53,5 @@ def load_export(path, kind, model_config):
   if meta['kind'] != kind or meta['width_div'] != model_config.width_div:
     raise DataError(f'{path} holds a {meta["kind"]} model of width_div {meta["width_div"]}, '
                     f'expected {kind} of width_div {model_config.width_div}')
-  with ocp.StandardCheckpointer() as ckptr:
+  with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:  # no barrier
     return ckptr.restore(os.path.join(os.path.abspath(path), 'variables'))

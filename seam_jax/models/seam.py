@@ -95,8 +95,9 @@ def valid_mask(valid, full_hw, hw):
   return (masks[0][:, :, None] & masks[1][:, None, :])[..., None]
 
 
-def _mask_spatial_conv_inputs(valid, full_hw):
-  """Flax interceptor: zero the padding of the input of every conv with a kernel larger than 1x1."""
+def mask_spatial_conv_inputs(valid, full_hw):
+  """Flax interceptor: zero the padding of the input of every conv with a kernel larger than 1x1 (exact inference
+  on zero-padded inputs of any network: the conv then sees the zeros its own padding would give)."""
   def interceptor(next_fn, args, kwargs, context):
     mod = context.module
     if isinstance(mod, nn.Conv) and context.method_name == '__call__' and max(mod.kernel_size) > 1:
@@ -123,7 +124,7 @@ class PaddedSEAM(SEAM):
   def __call__(self, x, valid, xs):  # pylint: disable=arguments-renamed
     if self.branch not in ('cam_rv', 'cam'):
       raise ValueError(f'unknown CAM branch {self.branch!r}: expected cam_rv or cam')
-    with nn.intercept_methods(_mask_spatial_conv_inputs(valid, x.shape[1:3])):
+    with nn.intercept_methods(mask_spatial_conv_inputs(valid, x.shape[1:3])):
       d = self.features(x)
     cam = self.cam_head(d['conv6'])
     if self.branch == 'cam':

@@ -8,7 +8,7 @@ import numpy as np
 from seam_jax import models
 from seam_jax.common import ops, visual
 from seam_jax.common.errors import DataError
-from seam_jax.data import voc
+from seam_jax.data import device_augment, voc
 from seam_jax.train import equivariance, losses, trainer
 
 
@@ -20,15 +20,18 @@ def with_background_label(label20):
 METHODS = ('seam', 'cam')  # config.train.method: the SEAM objective, or the plain-CAM baseline
 
 
-def make_loss_fn(equivariance, topk_ratio, train=True, method='seam'):
+def make_loss_fn(equivariance, topk_ratio, train=True, method='seam', input_images=None):
   """loss_fn(model, variables, batch, rng, step): the net on the batch and on equivariance.image(batch) (independent
   dropout), then losses.seam_loss; method 'cam' (the plain-CAM baseline): the net on the batch, losses.cam_loss.
-  `train=False` turns dropout off (deterministic tests)."""
+  `train=False` turns dropout off (deterministic tests). `input_images(batch)` gives the network input (default
+  batch['image']; device_augment.input_images for photometric batches)."""
   if method not in METHODS:
     raise DataError(f'config.train.method must be one of {METHODS}, got {method!r}')
+  input_images = input_images or (lambda batch: batch['image'])
+
   def loss_fn(model, variables, batch, rng, step):
     del step
-    img1 = batch['image']
+    img1 = input_images(batch)
     label = with_background_label(batch['label'].astype(jnp.float32))
     r1, r2 = jax.random.split(rng)
     out1 = model.apply(variables, img1, train=train, rngs={'dropout': r1})
@@ -45,9 +48,11 @@ def denormalize(img):
 
 
 
-def make_image_summaries(model, max_images=2):
+def make_image_summaries(model, input_images, max_images=2):
   """(variables, local batch) -> {'cam', 'cam_rv'}: overlays of the strongest present class's max-normalised CAM
-  (eval mode) on the first images, with the plain image on the left."""
+  (eval mode) on the first images (`input_images(batch)`), with the plain image on the left."""
+  first_images = jax.jit(lambda batch: input_images(jax.tree.map(lambda x: x[:max_images], batch)))
+
   @jax.jit
   def cams(variables, images, label20):
     cam, rv = model.apply(variables, images, train=False)
@@ -56,7 +61,8 @@ def make_image_summaries(model, max_images=2):
     return top(cam), top(rv)
 
   def summaries(variables, batch):
-    images = np.asarray(batch['image'][:max_images], np.float32)
+    numeric = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in 'biuf'}
+    images = np.asarray(first_images(numeric), np.float32)
     heat = jax.device_get(cams(variables, images, np.asarray(batch['label'][:max_images], np.float32)))
     base = np.stack([denormalize(x) for x in images])
     side = lambda h: np.stack([np.concatenate([b, visual.overlay(b, m)], axis=1) for b, m in zip(base, h)])
@@ -71,8 +77,9 @@ def seam_task(config, make_loader=None):
     make_loader = functools.partial(input_pipeline.seam_train_loader, config)
   eq = equivariance.make_equivariance(config.train)
   model = models.build('seam', config.model)
+  images = device_augment.input_images(int(config.data.crop_size))
   return trainer.Task(
       name='seam', model_kind='seam', hparams=config.train, make_loader=make_loader,
-      loss_fn=make_loss_fn(eq, float(config.train.topk_ratio), method=config.train.method),
+      loss_fn=make_loss_fn(eq, float(config.train.topk_ratio), method=config.train.method, input_images=images),
       init_input_shape=(64, 64),  # parameters do not depend on the input size; small = cheap init
-      image_summaries=make_image_summaries(model))
+      image_summaries=make_image_summaries(model, images), input_images=images)

@@ -8,17 +8,13 @@ statistics per group of seg.bn_group images (QUIRK Q1, seam_jax.models.deeplab),
 running statistics (Task.updates_batch_stats).
 """
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from seam_jax import layout
-from seam_jax import models
-from seam_jax.common import sharding
 from seam_jax.data import voc
-from seam_jax.train import optim, trainer
+from seam_jax.train import trainer
 
 
 def cross_entropy(logits, labels, ignore=voc.IGNORE):
@@ -70,28 +66,3 @@ def seg_task(config, make_loader=None):
       init_input_shape=(64, 64),  # parameters do not depend on the input size; small = cheap init
       updates_batch_stats=True)
 
-
-def benchmark_step(config, data, max_steps=20_000):
-  """The trainer's jitted data-parallel step of this task on a fixed host batch, for benchmarks.
-
-  data: {'image': float32 (B, H, W, 3), 'label': uint8 (B, H, W)}; weights from config (random init unless
-  seg.init_weights / model.init_weights). Returns (step, compile seconds): step() runs one optimisation step
-  (forward, loss, backward, SGD update, BN statistics) and blocks until its loss is ready, returning it.
-  """
-  task = seg_task(config, make_loader=lambda seed: (None, 0))
-  variables = trainer.init_variables(config, task, jax.random.PRNGKey(0))
-  tx, _ = optim.make_optimizer(task.hparams, variables['params'], max_steps)
-  mesh = sharding.make_mesh()
-  holder = {'state': sharding.replicate(trainer.state_from_variables(variables, tx), mesh)}
-  batch = sharding.shard_batch(data, mesh)
-  rng = sharding.replicate(jax.random.PRNGKey(1), mesh)
-  model = models.build('deeplab', config.model)
-  t = time.perf_counter()
-  compiled = trainer.jit_train_step(trainer.make_train_step(model, task, tx), mesh).lower(
-      holder['state'], batch, rng).compile()
-  compile_s = time.perf_counter() - t
-
-  def step():
-    holder['state'], metrics = compiled(holder['state'], batch, rng)
-    return float(np.asarray(jax.block_until_ready(metrics['loss'])))
-  return step, compile_s

@@ -1,11 +1,11 @@
 """Generic data-parallel trainer shared by SEAM and AffinityNet.
 
 A `Task` names the model, its hyper-parameters (config.train / config.aff), its data and its loss; `train` does the
-rest: ImageNet init, the original's SGD (seam_jax.train.optim), a jit step over a 1-D device mesh spanning every device of
-every host (batch sharded on 'data', parameters replicated), tqdm + TensorBoard + metrics.jsonl logging, orbax
-checkpoints holding the train state, the base rng and the grain iterator state (automatic resume), and the final
-export for the inference stages. Per-step randomness is fold_in(base_rng, step), so a resumed run is identical to an
-uninterrupted one.
+rest: ImageNet init, the original's SGD (seam_jax.train.optim), a jit step over a 1-D device mesh spanning every
+device of every host (batch sharded on 'data', parameters replicated), tqdm + TensorBoard + metrics.jsonl logging,
+orbax checkpoints holding the train state, the base rng and the grain iterator state (automatic resume; damaged steps
+skipped: seam_jax.train.checkpoints), and the final export for the inference stages. Per-step randomness is
+fold_in(base_rng, step), so a resumed run is identical to an uninterrupted one.
 """
 import dataclasses
 import functools
@@ -16,21 +16,20 @@ from typing import Any, Callable, Optional
 
 from absl import logging
 import flax
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 
 from seam_jax import layout
 from seam_jax import models
+from seam_jax.common import distributed, files
 from seam_jax.common.errors import DataError
 from seam_jax.common.sharding import local_copy, make_mesh, replicate, shard_batch
 from seam_jax.models import export
-from seam_jax.train import optim
+from seam_jax.train import checkpoints, optim
 
 P = jax.sharding.PartitionSpec
 
@@ -44,6 +43,7 @@ class Task:
   loss_fn: Callable                         # (model, variables, batch, rng, step) -> (loss, metrics); jit-able
   init_input_shape: tuple                   # (H, W) for model.init
   image_summaries: Optional[Callable] = None  # (variables, batch) -> {name: uint8 (N, H, W, 3)}, host side
+  input_images: Optional[Callable] = None  # batch -> network input (device augmentation); None: batch['image']
   updates_batch_stats: bool = False         # loss_fn returns (loss, (metrics, new batch_stats)): BN in train mode
 
 
@@ -100,10 +100,20 @@ def init_variables(config, task, rng):
     variables = convert.imagenet_init(variables, path, task.model_kind, config.model)
   elif config.model.get('calibrate_bn', False):
     loader, _ = task.make_loader(config.seed)
-    images = next(iter(loader))['image']
+    batch = next(iter(loader))
+    images = global_rows(task.input_images(batch) if task.input_images else batch['image'])
     variables = models.calibrate_batchnorm(models.build(task.model_kind, config.model), variables, images)
     logging.info('%s: no initial weights; BatchNorm statistics calibrated on %d images', task.name, len(images))
   return variables
+
+
+def global_rows(local):
+  """The global batch of which `local` holds this process's block of rows (input_pipeline.make_loader), in every
+  process: the same data, hence the same computation, everywhere."""
+  if jax.process_count() == 1:
+    return np.asarray(local)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
 
 def create_state(config, task, rng, tx=None):
@@ -151,45 +161,25 @@ def _meta(config, task):
   return {'task': task.name, 'kind': task.model_kind, 'width_div': int(config.model.width_div)}
 
 
-def checkpoint_manager(directory, keep):
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=('state', 'data', 'meta'))
-
-
-def save_checkpoint(mngr, step, state, rng, data_iter, meta):
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave({'state': state, 'rng': rng}),
-      data=grain.checkpoint.CheckpointSave(data_iter),
-      meta=ocp.args.JsonSave(meta)))
-
-
-def check_checkpoint(mngr, meta):
-  """A checkpoint of another task, model kind or width is a DataError naming the folder."""
-  saved = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-  if saved != meta:
-    raise DataError(f'{mngr.directory} holds a checkpoint of {saved}, but this run trains {meta}: use another '
-                    'workdir or delete that folder')
-
-
-def restore_checkpoint(mngr, abstract, data_iter):
-  """The latest {'state', 'rng'} as `abstract` (ShapeDtypeStructs with shardings); `data_iter` restored in place."""
-  out = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)))
-  return out['state']['state'], out['state']['rng']
-
-
 # ------------------------------------------------------------------------------------------------------ logging
 class MetricLogger:
-  """Scalars to TensorBoard and <dir>/metrics.jsonl, images to TensorBoard; only process 0 writes."""
+  """Scalars to TensorBoard and <dir>/metrics.jsonl, images to TensorBoard; only process 0 writes. metrics.jsonl
+  lines after `start_step` (logged by a run stopped after its last checkpoint) are dropped: they come again."""
 
-  def __init__(self, directory):
-    self.active = jax.process_index() == 0
+  def __init__(self, directory, start_step=0):
+    self.active = distributed.is_main()
     if self.active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(directory, exist_ok=True)
       self.writer = SummaryWriter(os.path.join(directory, 'tb'))
-      self.jsonl = open(os.path.join(directory, 'metrics.jsonl'), 'a')
+      path = os.path.join(directory, 'metrics.jsonl')
+      if os.path.exists(path):
+        with open(path) as f:
+          lines = [l for l in f if l.strip()]
+        kept = [l for l in lines if _logged_step(l) <= start_step]
+        if len(kept) < len(lines):
+          files.atomic_write_text(path, ''.join(kept))
+      self.jsonl = open(path, 'a')
 
   def scalars(self, step, scalars):
     if not self.active:
@@ -210,30 +200,44 @@ class MetricLogger:
       self.jsonl.close()
 
 
+def _logged_step(line):
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return -1   # a line cut by a kill: dropped
+
+
 def mean_metrics(history):
-  """Mean of each metric over the steps since the last log (the original's AverageMeter)."""
-  stacked = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  """Mean of each metric over the steps since the last log (the original's AverageMeter); `history`: host dicts."""
+  return {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+
+
+def check_finite(task, history, first_step, mngr):
+  """DataError naming the first step of `history` (host metric dicts of steps first_step, first_step + 1, ...)
+  with a non-finite metric, its metrics and the checkpoint that stays."""
+  for k, m in enumerate(history):
+    if not all(np.isfinite(v) for v in m.values()):
+      mngr.wait_until_finished()
+      shown = ', '.join(f'{name}={float(v):.4g}' for name, v in sorted(m.items()))
+      raise DataError(f'{task.name}: non-finite loss at step {first_step + k}: {shown}; training stopped, the '
+                      f'last good checkpoint (step {mngr.latest_step()}) stays in {mngr.directory}')
 
 
 # -------------------------------------------------------------------------------------------------------- train
 def initial_state(config, task, mesh, mngr, data_iter, max_steps):
   """(state, base rng, tx, schedule): restored from the latest checkpoint (with `data_iter`) or freshly
   initialised (ImageNet weights when configured); replicated over `mesh`."""
-  meta = _meta(config, task)
-  resume = mngr.latest_step() is not None
-  if resume:
-    check_checkpoint(mngr, meta)
   init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))
   shapes = jax.eval_shape(random_init(config, task), init_rng)
   tx, schedule = optim.make_optimizer(task.hparams, shapes['params'], max_steps)
-  if not resume:
-    state = state_from_variables(init_variables(config, task, init_rng), tx)
-    return replicate(state, mesh), replicate(rng, mesh), tx, schedule
   repl = jax.sharding.NamedSharding(mesh, P())
   abstract = jax.eval_shape(lambda v, r: {'state': state_from_variables(v, tx), 'rng': r}, shapes, rng)
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
-  state, rng = restore_checkpoint(mngr, abstract, data_iter)
+  restored = checkpoints.restore_latest(mngr, abstract, data_iter, _meta(config, task))
+  if restored is None:
+    state = state_from_variables(init_variables(config, task, init_rng), tx)
+    return replicate(state, mesh), replicate(rng, mesh), tx, schedule
+  state, rng = restored
   logging.info('%s: resumed from step %d of %s', task.name, int(state.step), mngr.directory)
   return state, rng, tx, schedule
 
@@ -241,29 +245,57 @@ def initial_state(config, task, mesh, mngr, data_iter, max_steps):
 def train(config, task, stop_step=None):
   """Train `task` to its step count (resuming from <workdir>/<name>/ckpt if any) and export the final weights to
   <workdir>/<name>/export. `stop_step` ends this run early with a checkpoint (to split a run over jobs).
+
+  Every process of a multi-host run calls it (jax.distributed, seam_jax.common.distributed); process 0 alone
+  writes the logs and the export, checkpoints go through orbax's multi-process path. A non-finite metric (checked
+  at log steps and before every save, where the host waits for the step anyway) or state (before every save) stops
+  training with a DataError naming the step; the last good checkpoint stays and nothing is exported.
   Returns the final variables (host numpy)."""
   hp = task.hparams
   workdir = layout.task_dir(config, task.name)
   mesh = make_mesh()
   if hp.batch_size % mesh.size:
-    raise ValueError(f'{task.name}: batch size {hp.batch_size} is not divisible by {mesh.size} devices')
+    raise DataError(f'{task.name}: batch size {hp.batch_size} (config key batch_size) is not divisible by the '
+                    f'{mesh.size} devices of this run')
   loader, num_records = task.make_loader(config.seed)
   max_steps = num_steps(hp, num_records)
   data_iter = iter(loader)
-  mngr = checkpoint_manager(os.path.join(workdir, 'ckpt'), hp.keep_checkpoints)
-  state, rng, tx, schedule = initial_state(config, task, mesh, mngr, data_iter, max_steps)
-  model = models.build(task.model_kind, config.model)
-  step_fn = jit_train_step(make_train_step(model, task, tx), mesh, hp.get('fast_compile', False))
-  log, meta = MetricLogger(workdir), _meta(config, task)
-  start = int(state.step)
-  end = max_steps if stop_step is None else min(stop_step, max_steps)
-  history, timed, t0 = [], 0, time.time()
-  bar = tqdm.tqdm(total=max_steps, initial=start, desc=task.name, disable=jax.process_index() != 0)
-  for step in range(start, end):
+  mngr = checkpoints.manager(os.path.join(workdir, 'ckpt'), hp.keep_checkpoints)
+  try:
+    state, rng, tx, schedule = initial_state(config, task, mesh, mngr, data_iter, max_steps)
+    start = int(state.step)
+    log = MetricLogger(workdir, start)
+    try:
+      state = _steps(config, task, mesh, mngr, log, (state, rng, tx, schedule, data_iter),
+                     range(start, max_steps if stop_step is None else min(stop_step, max_steps)), max_steps)
+    finally:
+      log.close()
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  variables = jax.tree.map(np.asarray, local_copy(state.variables))
+  if int(state.step) >= max_steps:
+    if distributed.is_main():
+      export.save_export(layout.export_dir(config, task.name), variables, task.model_kind, config.model)
+    distributed.barrier(f'{task.name} export')   # the next stage of any process reads it
+  return variables
+
+
+def _steps(config, task, mesh, mngr, log, run, steps, max_steps):
+  """The training loop over `steps` (a range; of max_steps in all) from `run` = (state, rng, tx, schedule,
+  data_iter); returns the last state."""
+  hp, meta = task.hparams, _meta(config, task)
+  state, rng, tx, schedule, data_iter = run
+  step_fn = jit_train_step(make_train_step(models.build(task.model_kind, config.model), task, tx), mesh,
+                           hp.get('fast_compile', False))
+  history, timed, t0, end = [], 0, time.time(), steps.stop
+  bar = tqdm.tqdm(total=max_steps, initial=steps.start, desc=task.name,
+                  disable=not distributed.is_main())
+  for step in steps:
     local = next(data_iter)
     state, metrics = step_fn(state, shard_batch(local, mesh), rng)
     history.append(metrics)
-    if step == start:   # compile + first step: keep it out of the throughput
+    if step == steps.start:   # compile + first step: keep it out of the throughput
       jax.block_until_ready(metrics)
       logging.info('%s: first step (compile included) took %.1f s', task.name, time.time() - t0)
       t0 = time.time()
@@ -271,21 +303,23 @@ def train(config, task, stop_step=None):
       timed += 1
     bar.update(1)
     done = step + 1
-    if done % hp.log_every == 0 or done == end:
-      scalars = mean_metrics(history)
+    log_now, save_now = done % hp.log_every == 0 or done == end, done % hp.ckpt_every == 0 or done == end
+    if log_now or save_now:
+      host = jax.device_get(history)
+      check_finite(task, host, done - len(host) + 1, mngr)
+    if log_now:
+      scalars = mean_metrics(host)
       scalars.update(lr=float(schedule(step)), img_per_s=timed * hp.batch_size / (time.time() - t0))
       log.scalars(done, scalars)
       bar.set_postfix({k: f'{v:.4g}' for k, v in scalars.items()})
       if task.image_summaries is not None and hp.get('image_summaries', False) and log.active:
         log.images(done, task.image_summaries(local_copy(state.variables), local))
       history, timed, t0 = [], 0, time.time()
-    if done % hp.ckpt_every == 0 or done == end:
-      save_checkpoint(mngr, done, state, rng, data_iter, meta)
+    if save_now:
+      if not bool(checkpoints.all_finite(state)):
+        mngr.wait_until_finished()
+        raise DataError(f'{task.name}: non-finite parameters after step {done}; training stopped, the last good '
+                        f'checkpoint (step {mngr.latest_step()}) stays in {mngr.directory}')
+      checkpoints.save(mngr, done, state, rng, data_iter, meta)
   bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
-  log.close()
-  variables = jax.tree.map(np.asarray, local_copy(state.variables))
-  if int(state.step) >= max_steps and jax.process_index() == 0:
-    export.save_export(layout.export_dir(config, task.name), variables, task.model_kind, config.model)
-  return variables
+  return state

@@ -1,0 +1,35 @@
+"""The demo's backbone pretraining (seam_jax.train.pretrain_task): the `pretrain` section of configs/demo.py.
+
+A fully-labelled synthetic classification set (seam_jax.data.pretrain_data: one shape per image, labelled by its
+hue bin) stands in for ImageNet; SEAM, AffinityNet and the segmentation net of the demo then start from this
+network's backbone (seam_jax.layout.init_weights) with frozen BatchNorm, as the real recipe starts from ImageNet.
+"""
+import ml_collections
+
+
+def get_config():
+  p = ml_collections.ConfigDict()
+  p.enabled = True                  # False: the demo trains from scratch (model.calibrate_bn) as before issue 15
+  # The set (seam_jax.data.pretrain_data), drawn from config.seed.
+  p.num_images = 4096
+  p.image_size = 64
+  p.num_classes = 12                # hue bins of 30 degrees (at most 21, the classifier's outputs)
+  # Training (the generic trainer's fields, as config.train).
+  p.batch_size = 32
+  p.epochs = 0
+  p.max_steps = 300
+  p.lr = 0.05
+  p.weight_decay = 1e-4
+  p.momentum = 0.9
+  p.fix_momentum = False
+  p.fixed_momentum = 0.9
+  p.poly_power = 0.9
+  p.frozen_layers = ()              # train every layer, conv1a and b2* too (the ImageNet net was trained whole)
+  p.bn_momentum = 0.9               # running statistics: EMA of the batch statistics
+  p.dropout = False
+  p.log_every = 25
+  p.ckpt_every = 100
+  p.keep_checkpoints = 2
+  p.image_summaries = False
+  p.fast_compile = False
+  return p

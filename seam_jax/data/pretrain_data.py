@@ -1,0 +1,66 @@
+"""A fully-labelled synthetic classification set to pretrain the demo's backbone: the role ImageNet plays for the
+real recipe (configs/demo_pretrain.py, seam_jax.train.pretrain_task).
+
+Image k of the set holds one object: a random seam_jax.data.demo_data.SHAPES shape, randomly scaled, stretched,
+rotated and placed, flat-filled with a colour of uniformly random hue, saturation in [0.3, 1] and value in
+[0.35, 1], on grey pixel noise of a random level. Its label is the hue bin floor(hue * num_classes). Only the hue
+decides the label, so a network that classifies the set has learnt to tell hues apart whatever the shape, size,
+brightness or position: the features the demo set's classes (flat discs of 20 hues, demo_data.plain_colour) need
+and a randomly initialised backbone lacks. Nothing of the demo set is used (no image, no pixel label, no class
+list): the images are drawn from (seed, k) alone, on access, and never written to disk.
+"""
+import dataclasses
+
+import numpy as np
+
+from seam_jax.common.errors import DataError
+from seam_jax.data import demo_data
+from seam_jax.data import voc
+
+SATURATION = (0.3, 1.0)
+VALUE = (0.35, 1.0)
+GREY = (70, 190)       # background level range; pixel noise std 20 as the demo set's
+OBJECT_SCALE = (0.35, 0.8)  # object diameter / image side
+STREAM = 1  # the generator key is (seed, index, STREAM): never the demo set's (seed, index)
+
+
+def hue_label(hue, num_classes):
+  """Class of a hue in [0, 1): its bin among `num_classes` equal bins of the colour wheel."""
+  return int(hue * num_classes) % num_classes
+
+
+def render(seed, index, size, num_classes):
+  """Image `index`: (uint8 (size, size, 3) RGB, int label in [0, num_classes))."""
+  rng = np.random.default_rng([seed, index, STREAM])
+  img = rng.normal(rng.uniform(*GREY), 20, (size, size, 3))
+  hue = rng.random()
+  colour = np.array(demo_data.hsv_to_rgb(hue, rng.uniform(*SATURATION), rng.uniform(*VALUE)), np.float32)
+  radius = rng.uniform(*OBJECT_SCALE) * size / 2
+  cx, cy = rng.uniform(.25, .75, 2) * size
+  x, y = demo_data.object_frame(size, size, cx, cy, rng.uniform(0, 2 * np.pi))
+  shape = demo_data.SHAPES[rng.integers(len(demo_data.SHAPES))]
+  img[shape(x / radius, y / (radius * rng.uniform(.7, 1.3)))] = colour
+  return np.clip(img, 0, 255).astype(np.uint8), hue_label(hue, num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSource:
+  """grain random-access source: record k = {'image': float32 normalised (size, size, 3), 'label': int32}."""
+  num_images: int
+  size: int
+  num_classes: int
+  seed: int
+
+  def __post_init__(self):
+    if not 2 <= self.num_classes <= voc.NUM_CLASSES:
+      raise DataError(f'pretrain.num_classes must be in [2, {voc.NUM_CLASSES}] (the classifier\'s outputs), '
+                      f'got {self.num_classes}')
+    if self.size < 32 or self.num_images < 1:
+      raise DataError(f'pretrain: image_size must be >= 32 and num_images >= 1, got {self.size}, {self.num_images}')
+
+  def __len__(self):
+    return self.num_images
+
+  def __getitem__(self, index):
+    img, label = render(self.seed, int(index), self.size, self.num_classes)
+    return {'image': voc.normalize(img), 'label': np.int32(label)}

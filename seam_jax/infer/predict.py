@@ -1,0 +1,81 @@
+"""Segment ordinary image files (any folder or list, not only VOC ids) with an exported segmentation model.
+
+Per readable image: the test of seam_jax.infer.seg_inference (config.seg scales, flip, CRF), written as
+<out>/<name>.png (VOC palette label map) and <out>/<name>_overlay.png (the image and the labels blended over it,
+side by side). A file that cannot be read is reported (one line naming it) and skipped; the others complete.
+Inputs: image files, folders (their image files, sorted) and .txt lists (one path per line, relative to the list's
+folder). Output names are the file stems, made unique with a counter when two inputs share one.
+"""
+import os
+
+import numpy as np
+
+from seam_jax import layout
+from seam_jax.common import errors, files, visual
+from seam_jax.data import seg_data
+from seam_jax.infer import seg_inference
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def collect_inputs(inputs):
+  """Image paths of `inputs` (files, folders, .txt lists), in order; a missing input is a DataError naming it."""
+  paths = []
+  for item in inputs:
+    if os.path.isdir(item):
+      paths += sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTS))
+    elif item.endswith('.txt') and os.path.isfile(item):
+      with open(item) as f:
+        paths += [os.path.join(os.path.dirname(item), l.strip()) for l in f if l.strip()]
+    elif os.path.exists(item):
+      paths.append(item)
+    else:
+      raise errors.DataError(f'input not found: {item}')
+  if not paths:
+    raise errors.DataError(f'no image files in {list(inputs)}')
+  return paths
+
+
+def output_names(paths):
+  """A unique output name per path: its stem, then stem_1, stem_2, ... for repeats."""
+  seen, names = {}, []
+  for p in paths:
+    stem = os.path.splitext(os.path.basename(p))[0]
+    k = seen.get(stem, 0)
+    seen[stem] = k + 1
+    names.append(stem if k == 0 else f'{stem}_{k}')
+  return names
+
+
+def side_by_side(img, label):
+  """The image and the label colours blended over it, next to each other (uint8 RGB)."""
+  return np.concatenate([img, visual.label_overlay(img, label)], axis=1)
+
+
+def run_predict(config, inputs, out_dir=None, weights=None):
+  """Segment every image of `inputs` into `out_dir` (default layout.predict_dir) with the weights at `weights`
+  (default layout.seg_weights). Returns {'written': [names], 'failed': [(path, message)]}."""
+  out_dir = out_dir or layout.predict_dir(config)
+  paths = collect_inputs(inputs)
+  engine = seg_inference.load_engine(config, weights)
+  result = {'written': [], 'failed': []}
+
+  def load(item):
+    path, name = item
+    try:
+      return name, path, seg_data.load_image_cv2(path)
+    except errors.DataError as e:
+      return name, (path, str(e)), None
+
+  def save(name, payload, img, label):
+    if img is None:
+      result['failed'].append(payload)
+      return
+    files.save_label_png(os.path.join(out_dir, name + '.png'), label)
+    files.save_rgb_png(os.path.join(out_dir, name + '_overlay.png'), side_by_side(img, label))
+    result['written'].append(name)
+
+  s = config.seg
+  seg_inference.segment(engine, seg_inference.SegTestOptions.from_config(s), list(zip(paths, output_names(paths))),
+                        load, save, s.threads, s.max_pending, desc='predict')
+  return result

@@ -1,0 +1,89 @@
+"""Backbone pretraining for the demo (configs/demo_pretrain.py): the part ImageNet plays in the real recipe.
+
+The original starts SEAM and AffinityNet from an ImageNet ResNet38 and keeps every BatchNorm frozen. No ImageNet
+weights exist here, and a randomly initialised backbone under frozen BN hardly tells some hues apart (its conv6
+features of two of the demo's four colours lie ~10x closer to the background's than the other two), so from scratch
+the CAMs of those classes stay dead. This stage trains the same ResNet38 (the 'deeplab' network: backbone + a head
+whose global-average-pooled logits classify) with BatchNorm on batch statistics, on the fully-labelled synthetic
+hue-classification set of seam_jax.data.pretrain_data, then exports it. The demo's SEAM, AffinityNet and
+segmentation stages load its backbone through model.init_weights (seam_jax.layout.init_weights), exactly as the
+ImageNet weights, and keep its BatchNorm statistics frozen.
+
+Every layer is trained (conv1a and b2* too: `frozen_layers` ()); the running statistics follow the batch statistics
+as an exponential moving average with `bn_momentum` (the ImageNet net's statistics are meaningful; PyTorch's
+0.0003 of the segmentation retrain would leave them at their init within a short run).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from seam_jax.data import input_pipeline, pretrain_data
+from seam_jax.models import deeplab
+from seam_jax.train import trainer
+
+TASK = 'pretrain'   # <workdir>/pretrain/{ckpt, export, metrics.jsonl}
+
+
+def ema_batch_stats(old, updated, momentum):
+  """Running statistics as an EMA of the batch statistics s: new = momentum * old + (1 - momentum) * s.
+
+  `updated` holds GroupBatchNorm's own update u = m old + (1 - m) s (m = deeplab.BN_MOMENTUM), so
+  new = old + (u - old) (1 - momentum) / (1 - m)."""
+  k = (1. - momentum) / (1. - deeplab.BN_MOMENTUM)
+  return jax.tree.map(lambda o, u: o + (u - o) * k, old, updated)
+
+
+def make_loss_fn(num_classes, bn_momentum, dropout=False):
+  """loss_fn(model, variables, batch, rng, step) -> (loss, (metrics, new batch_stats)):
+    logits = mean_hw DeepLab(image) (stride-8 logits, BN on the batch's statistics), first num_classes channels
+    loss = mean_n -log softmax(logits_n)[label_n]
+  metrics: accuracy of the argmax."""
+  def loss_fn(model, variables, batch, rng, step):
+    del step
+    net = model.clone(bn_mode='sync')
+    out, updates = net.apply(variables, batch['image'], train=True, upsample=False, dropout=dropout,
+                             rngs={'dropout': rng}, mutable=['batch_stats'])
+    logits = jnp.mean(out, axis=(1, 2))[:, :num_classes]
+    labels = batch['label'].astype(jnp.int32)
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, ({'acc': acc}, ema_batch_stats(variables['batch_stats'], updates['batch_stats'], bn_momentum))
+  return loss_fn
+
+
+def _as_is(record, rng):
+  del rng   # the set's images are random already
+  return record
+
+
+def pretrain_loader(hparams, seed):
+  """(loader of {'image', 'label'} batches of the pretraining set drawn from `seed`, number of images)."""
+  source = pretrain_data.PretrainSource(int(hparams.num_images), int(hparams.image_size), int(hparams.num_classes),
+                                        int(seed))
+  loader = input_pipeline.make_loader(source, _as_is, global_batch_size=hparams.batch_size, seed=seed)
+  return loader, len(source)
+
+
+def pretrain_config(config):
+  """The pretraining run's own config: the run's workdir, seed and network width, config.pretrain as the trainer's
+  hyper-parameters (`train`), and no initial weights or BN calibration: it starts from random weights."""
+  return ml_collections.ConfigDict({
+      'workdir': config.workdir, 'seed': config.seed, 'train': config.pretrain.to_dict(),
+      'model': dict(config.model.to_dict(), init_weights='', calibrate_bn=False)})
+
+
+def pretrain_task(config):
+  """Task for trainer.train on the demo config (run on `pretrain_config(config)`)."""
+  p = config.pretrain
+  return trainer.Task(
+      name=TASK, model_kind='deeplab', hparams=p, make_loader=functools.partial(pretrain_loader, p),
+      loss_fn=make_loss_fn(int(p.num_classes), float(p.bn_momentum), bool(p.dropout)),
+      init_input_shape=(64, 64), updates_batch_stats=True)
+
+
+def run(config):
+  """Pretrain (resuming from its checkpoints) and export to <workdir>/pretrain/export; returns the variables."""
+  return trainer.train(pretrain_config(config), pretrain_task(config))

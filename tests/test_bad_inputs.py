@@ -1,0 +1,216 @@
+"""Bad inputs through the real entry points (prepare.py, train.py, infer.py, evaluate.py as subprocesses on a tiny
+demo set): each run exits with status != 0 and one line `error: ...` naming the file or config key, no traceback,
+and leaves every file of its run folder as it was (nothing half-written, other outputs intact)."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from seam_jax import layout
+from seam_jax.common import files
+from seam_jax.data import demo_data, prepare, voc
+from seam_jax.models import convert, weight_files
+from seam_jax.train import checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 600
+TINY = ['--config=configs/demo.py', '--config.model.width_div=32', '--config.data.crop_size=32',
+        '--config.data.resize_long=(32,48)', '--config.train.batch_size=4', '--config.train.max_steps=2',
+        '--config.train.fast_compile=True', '--config.infer.scales=(1.0,)']
+
+
+class Evil:
+  """Unpickling this runs `touch <marker>`."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return os.system, (f'touch {self.marker}',)
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+  """A prepared tiny demo set (VOC folder, lists, cls_labels.npy) that every case copies."""
+  root = tmp_path_factory.mktemp('bad') / 'base'
+  config = demo.get_config()
+  config.workdir = str(root)
+  demo_data.generate(layout.voc_root(config), num_train=8, num_val=2, num_aug=0, image_size=(40, 56), seed=0,
+                     workers=1, classes=config.demo.classes, plain=True)
+  prepare.prepare(config, workers=1)
+  return root
+
+
+@pytest.fixture
+def work(base, tmp_path):
+  shutil.copytree(base, tmp_path / 'run')
+  return tmp_path / 'run'
+
+
+def snapshot(root):
+  out = {}
+  for d, _, names in os.walk(root):
+    for n in names:
+      with open(os.path.join(d, n), 'rb') as f:
+        out[os.path.relpath(os.path.join(d, n), root)] = hashlib.sha1(f.read()).hexdigest()
+  return out
+
+
+def run_bad(work, script, *flags):
+  """Run `script` on `work`; check the one-line error and the untouched folder; returns the error line."""
+  before = snapshot(work)
+  proc = subprocess.run([sys.executable, script, *TINY, f'--config.workdir={work}', *flags], cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+                        timeout=TIMEOUT_S)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+  assert proc.stderr.count(errors[0][len('error: '):]) == 1, proc.stderr[-3000:]   # not also as a log line
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert snapshot(work) == before
+  return errors[0]
+
+
+def image(work, k=0):
+  return os.path.join(work, 'VOC2012/JPEGImages', voc.read_list(os.path.join(work, 'lists/train.txt'))[k] + '.jpg')
+
+
+def aug_mask(work, k=0):
+  return image(work, k).replace('JPEGImages', 'SegmentationClassAug').replace('.jpg', '.png')
+
+
+# ------------------------------------------------------------------------------------------- prepare.py: files
+def test_corrupt_jpeg(work):
+  path = image(work)
+  with open(path, 'r+b') as f:
+    f.seek(0)
+    f.write(b'\0' * 64)
+  assert path in run_bad(work, 'prepare.py', '--workers=1')
+
+
+def test_truncated_png(work):
+  path = aug_mask(work, 1)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  assert path in run_bad(work, 'prepare.py', '--workers=1')
+
+
+def test_mask_of_another_size(work):
+  path = aug_mask(work, 2)
+  files.save_label_png(path, np.zeros((8, 8), np.uint8))
+  line = run_bad(work, 'prepare.py', '--workers=1')
+  assert path in line and '8x8' in line and image(work, 2) in line
+
+
+def test_list_naming_a_missing_image(work):
+  split = os.path.join(work, 'VOC2012/ImageSets/Segmentation/train.txt')
+  voc.write_list(split, voc.read_list(split) + ['2099_ghost'])
+  assert os.path.join(work, 'VOC2012/JPEGImages/2099_ghost.jpg') in run_bad(work, 'prepare.py', '--workers=1')
+
+
+# ----------------------------------------------------------------------------------------- train.py: data
+def test_label_file_missing_an_id(work):
+  labels = os.path.join(work, 'lists/cls_labels.npy')
+  d = files.load_npy_dict(labels)
+  del d[voc.read_list(os.path.join(work, 'lists/train_aug.txt'))[3]]
+  files.save_npy_dict(labels, d)
+  assert labels in run_bad(work, 'train.py')
+
+
+def test_train_list_naming_a_missing_image(work):
+  ids = voc.read_list(os.path.join(work, 'lists/train.txt'))[:3] + ['2099_ghost']
+  voc.write_list(os.path.join(work, 'lists/four.txt'), ids)
+  labels = os.path.join(work, 'lists/cls_labels.npy')
+  files.save_npy_dict(labels, dict(files.load_npy_dict(labels), **{'2099_ghost': np.eye(20, dtype=np.float32)[0]}))
+  line = run_bad(work, 'train.py', f'--config.data.train_list={work}/lists/four.txt')
+  assert os.path.join(work, 'VOC2012/JPEGImages/2099_ghost.jpg') in line
+
+
+def test_empty_list(work):
+  path = os.path.join(work, 'lists/train_aug.txt')
+  open(path, 'w').close()
+  assert path in run_bad(work, 'train.py')
+
+
+def test_duplicate_ids(work):
+  path = os.path.join(work, 'lists/train_aug.txt')
+  ids = voc.read_list(path)
+  voc.write_list(path, ids + ids[:2])
+  line = run_bad(work, 'train.py')
+  assert path in line and ids[0] in line
+
+
+def test_label_pickle_that_runs_code(work):
+  labels, marker = os.path.join(work, 'lists/cls_labels.npy'), os.path.join(work, '..', 'pwned')
+  np.save(labels, {'x': Evil(marker)}, allow_pickle=True)
+  assert labels in run_bad(work, 'train.py')
+  assert not os.path.exists(marker)
+
+
+# --------------------------------------------------------------------------------------------- config flags
+def test_unknown_config_key(work):
+  assert 'train.bogus' in run_bad(work, 'train.py', '--config.train.bogus=1')
+
+
+def test_value_of_the_wrong_type(work):
+  assert 'train.batch_size' in run_bad(work, 'train.py', '--config.train.batch_size=four')
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def zero_variables(kind, width_div):
+  model_config = convert.model_config(width_div)
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), convert.abstract_variables(kind, model_config))
+
+
+def test_checkpoint_of_another_width(work):
+  """A training checkpoint of width_div 16 where this run trains width_div 32."""
+  mngr = checkpoints.manager(os.path.join(work, 'seam/ckpt'), 2)
+  state = {'state': {'step': np.zeros((), np.int32)}, 'rng': np.zeros(2, np.uint32)}
+  checkpoints.save(mngr, 1, state, state['rng'], iter(grain.MapDataset.range(4).to_iter_dataset()),
+                   {'task': 'seam', 'kind': 'seam', 'width_div': 16})
+  mngr.close()
+  line = run_bad(work, 'train.py')
+  assert os.path.join(work, 'seam/ckpt') in line and "'width_div': 16" in line
+
+
+def test_export_of_another_model(work):
+  path = os.path.join(work, 'affinity_export')
+  from seam_jax.models import export  # pylint: disable=g-import-not-at-top
+  export.save_export(path, zero_variables('affinity', 32), 'affinity', convert.model_config(32))
+  line = run_bad(work, 'infer.py', '--steps=cam', f'--config.infer.checkpoint={path}')
+  assert path in line and 'affinity' in line
+
+
+def test_pth_with_unexpected_keys(work):
+  path = os.path.join(work, 'seam.pth')
+  sd = convert.variables_to_state_dict(zero_variables('seam', 32), 'seam')
+  sd['module.extra.weight'] = np.zeros(3, np.float32)
+  weight_files.write_pth(path, sd)
+  line = run_bad(work, 'infer.py', '--steps=cam', f'--config.infer.checkpoint={path}')
+  assert path in line and 'extra.weight' in line
+
+
+def test_pth_pickle_that_runs_code(work):
+  import torch  # pylint: disable=g-import-not-at-top  (a test dependency: requirements-dev.txt)
+  path, marker = os.path.join(work, 'evil.pth'), os.path.join(work, '..', 'pwned')
+  torch.save({'conv1a.weight': Evil(marker)}, path)
+  assert path in run_bad(work, 'infer.py', '--steps=cam', f'--config.infer.checkpoint={path}')
+  assert not os.path.exists(marker)
+
+
+def test_cam_pickle_that_runs_code(work):
+  marker = os.path.join(work, '..', 'pwned')
+  ids = voc.read_list(os.path.join(work, 'lists/train.txt'))
+  for k, i in enumerate(ids):
+    files.save_npy_dict(os.path.join(work, 'cam', i + '.npy'), {0: np.zeros(files.image_size(image(work, k)))})
+  path = os.path.join(work, 'cam', ids[0] + '.npy')
+  np.save(path, {0: Evil(marker)}, allow_pickle=True)
+  assert path in run_bad(work, 'evaluate.py', '--config.eval.workers=1')
+  assert not os.path.exists(marker)
+
