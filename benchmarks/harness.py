@@ -51,6 +51,8 @@ def make_config(size, dtype='float32'):
   c.train.batch_size = c.aff.batch_size = size.batch
   c.seg.batch_size, c.seg.bn_group = size.batch, 1 if size.batch % 5 else 5
   c.infer.scales = size.scales
+  if size.name == 'tiny':   # a smoke test of the command: compile without LLVM optimisation (trainer option)
+    c.train.fast_compile = c.aff.fast_compile = c.seg.fast_compile = True
   return c
 
 
@@ -94,9 +96,12 @@ def torch_device():
   return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
-def set_torch_threads():
+def set_torch_threads(threads=0):
+  """PyTorch's intra-op threads (0: every core). OMP_WAIT_POLICY=PASSIVE (set by run.py for its children) makes
+  idle OpenMP threads sleep instead of spin: the same arithmetic, but on a shared machine spinning threads stall
+  each other by orders of magnitude."""
   import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(int(threads) or os.cpu_count())
   return torch.get_num_threads()
 
 
@@ -119,7 +124,8 @@ def machine():
   return {'cpu': cpu, 'cores': os.cpu_count(), 'jax_backend': jax.default_backend(),
           'jax_devices': f'{jax.device_count()} x {dev.device_kind}', 'jax': jax.__version__,
           'torch': torch.__version__, 'torch_device': 'cuda' if torch.cuda.is_available() else 'cpu',
-          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'load_avg_1min': load,
+          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', ''),
+          'load_avg_1min': load,
           'python': platform.python_version()}
 
 
@@ -177,7 +183,8 @@ def jax_variables(kind, model_config, seed=0):
   from seam_jax.models import convert  # pylint: disable=g-import-not-at-top
   from torch_reference import models  # pylint: disable=g-import-not-at-top
   net = torch_net(kind, int(model_config.width_div), seed)
-  return convert.state_dict_to_variables(models.state_dict_numpy(net), kind, model_config)
+  sd = {k: np.array(v) for k, v in models.state_dict_numpy(net).items()}   # copies: JAX may alias host memory
+  return convert.state_dict_to_variables(sd, kind, model_config)
 
 
 def synthetic_image(hw, seed=0):

@@ -41,14 +41,14 @@ def cam_jax_job(size, root, dtype='float32'):
           'device_peak_mb': harness.device_peak_mb()}
 
 
-def cam_torch_job(size, root):
+def cam_torch_job(size, root, threads=0):
   """The original's infer_SEAM.py loop: per view one forward, cam_rv upsampled to the image (align_corners=False),
   times the label, un-mirrored, summed; min-max normalised per class; saved as the same dict files."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   from seam_jax.common import files  # pylint: disable=g-import-not-at-top
   from seam_jax.data import input_pipeline, voc  # pylint: disable=g-import-not-at-top
-  threads = harness.set_torch_threads()
+  threads = harness.set_torch_threads(threads)
   config, layout = _cam_config(size, root, 'float32', 'torch')
   dev = harness.torch_device()
   net = harness.torch_net('seam', size.width_div).eval().to(dev)
@@ -135,12 +135,12 @@ def _torch_dense_walk(aff, cams, radius, beta, logt, hw):
   return walk
 
 
-def random_walk_job(size, beta=8, logt=6):
+def random_walk_job(size, threads=0, beta=8, logt=6):
   """Seconds per image of each walk implementation (affinities and pooled CAMs given), and label agreement."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from seam_jax.infer import random_walk as rwm  # pylint: disable=g-import-not-at-top
-  harness.set_torch_threads()
+  harness.set_torch_threads(threads)
   hw = size.image_hw
   aff, cams, radius = _walk_inputs(hw)
 

@@ -35,7 +35,7 @@ def _speed_rows(res, peak):
     compile_s = f32.get('compile_s', f32.get('first_image_s')) if _ok(f32) else None
     mem = lambda d: _f(d.get('device_peak_mb') or d.get('peak_rss_mb'), '.0f') if _ok(d) else '–'
     rows.append([NAMES[kind], _f(per_img(f32)), _f(per_img(bf16)), _f(per_img(pt)), _f(ratio, '.2f'),
-                 _f(compile_s, '.1f'), _f(flops and flops / 1e9, '.1f'), use(f32, peak.get('float32')),
+                 _f(compile_s, '.1f'), _f(flops and flops / 1e9, '.3g'), use(f32, peak.get('float32')),
                  use(bf16, peak.get('bfloat16')), use(pt, peak.get('float32')),
                  f'{mem(f32)} / {mem(pt)}', _f(f32.get('parity_rel') if _ok(f32) else None, '.1e')])
   return rows
@@ -76,7 +76,7 @@ def markdown(doc):
     out += ['SEAM input pipeline (decode, resize, flip; host: + jitter, normalise, crop):', '',
             _table(['augmentation', 'worker processes', 'img/s', 'img/s per core', 'MB per batch'],
                    [[a, v.get('workers'), _f(v.get('img_per_s'), '.1f'), _f(v.get('img_per_s_per_core'), '.1f'),
-                     _f(v.get('batch_bytes', 0) / 2 ** 20, '.1f')] if _ok(v) else [a, '–', v.get('error'), '', '']
+                     _f(v.get('batch_bytes', 0) / 2 ** 20, '.3g')] if _ok(v) else [a, '–', v.get('error'), '', '']
                     for a, v in loader]), '']
   half = res.get('loader/device_half')
   if _ok(half):

@@ -26,6 +26,7 @@ flags.DEFINE_list('only', list(GROUPS), f'benchmark groups to run, of {GROUPS}')
 flags.DEFINE_bool('bf16', True, "also the JAX rows with config.model.dtype='bfloat16'")
 flags.DEFINE_string('out', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'), 'results folder')
 flags.DEFINE_string('root', '', 'folder for the generated data set ("" = a temporary folder)')
+flags.DEFINE_integer('torch_threads', 0, 'PyTorch CPU threads (0 = every core, like XLA:CPU)')
 FLAGS = flags.FLAGS
 
 
@@ -39,7 +40,7 @@ def measure(results, key, fn, **kwargs):
   log(f'{key}: {out}')
 
 
-def run_groups(size, root, groups, dtypes):
+def run_groups(size, root, groups, dtypes, threads=0):
   """{job key: result dict} of every measurement of `groups`."""
   r = {}
   measure(r, 'machine', harness.machine)
@@ -50,16 +51,16 @@ def run_groups(size, root, groups, dtypes):
     for kind in train_steps.KINDS:
       for dtype in dtypes:
         measure(r, f'train/{kind}/jax/{dtype}', train_steps.jax_job, kind=kind, size=size, dtype=dtype)
-      measure(r, f'train/{kind}/torch', train_steps.torch_job, kind=kind, size=size)
+      measure(r, f'train/{kind}/torch', train_steps.torch_job, kind=kind, size=size, threads=threads)
   if groups & {'cam', 'loader', 'throughput'}:
     measure(r, 'dataset', input_bench.make_dataset, size=size, root=root)
   if 'cam' in groups:
     for dtype in dtypes:
       measure(r, f'cam/jax/{dtype}', inference.cam_jax_job, size=size, root=root, dtype=dtype)
-    measure(r, 'cam/torch', inference.cam_torch_job, size=size, root=root)
+    measure(r, 'cam/torch', inference.cam_torch_job, size=size, root=root, threads=threads)
     r['cam/difference'] = {'max_abs': inference.cam_difference(root)}
   if 'rw' in groups:
-    measure(r, 'rw', inference.random_walk_job, size=size)
+    measure(r, 'rw', inference.random_walk_job, size=size, threads=threads)
   if 'crf' in groups:
     measure(r, 'crf', inference.crf_job, size=size)
   cores = os.cpu_count()
@@ -79,12 +80,13 @@ def main(argv):
   unknown = set(FLAGS.only) - set(GROUPS)
   if unknown:
     raise app.UsageError(f'--only: unknown groups {sorted(unknown)}; known: {GROUPS}')
+  os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # inherited by the measuring processes (set_torch_threads)
   backend = harness.run_isolated(harness.machine)['jax_backend']
   size = harness.size_for_backend(harness.SIZES[FLAGS.size], backend)
   dtypes = ('float32', 'bfloat16') if FLAGS.bf16 else ('float32',)
   t0 = time.time()
   with tempfile.TemporaryDirectory() as tmp:
-    results = run_groups(size, FLAGS.root or tmp, set(FLAGS.only), dtypes)
+    results = run_groups(size, FLAGS.root or tmp, set(FLAGS.only), dtypes, FLAGS.torch_threads)
   doc = {'size': size.__dict__, 'command': ' '.join(['python -m benchmarks.run'] + sys.argv[1:]),
          'seconds': time.time() - t0, 'results': results}
   name = os.path.join(FLAGS.out, f'{harness.machine_name(results["machine"])}-{size.name}')

@@ -66,7 +66,8 @@ def jax_train_step(config, task, data, variables, max_steps=10_000):
   rng = sharding.replicate(jax.random.PRNGKey(1), mesh)
   model = models.build(task.model_kind, config.model)
   t = time.perf_counter()
-  compiled = trainer.jit_train_step(trainer.make_train_step(model, task, tx), mesh).lower(
+  fast = task.hparams.get('fast_compile', False)
+  compiled = trainer.jit_train_step(trainer.make_train_step(model, task, tx), mesh, fast).lower(
       holder['state'], batch, rng).compile()
   compile_s = time.perf_counter() - t
 
@@ -97,13 +98,12 @@ def jax_job(kind, size, dtype='float32'):
   task = make_task(kind, config)
   variables = harness.jax_variables(kind, config.model)
   data = make_batch(kind, size)
+  parity = forward_parity(kind, config, variables, data['image'][:1]) if dtype == 'float32' else None
   step, compile_s, compiled = jax_train_step(config, task, data, variables)
   t, loss = harness.median_time(step, size.steps)
-  out = {'seconds': t, 'img_per_s': size.batch / t, 'compile_s': compile_s, 'loss': loss, 'batch': size.batch,
-         'crop': crop_of(kind, size), **harness.xla_analysis(compiled), 'device_peak_mb': harness.device_peak_mb()}
-  if dtype == 'float32':
-    out['parity_rel'] = forward_parity(kind, config, variables, data['image'][:1])
-  return out
+  return {'seconds': t, 'img_per_s': size.batch / t, 'compile_s': compile_s, 'loss': loss, 'batch': size.batch,
+          'crop': crop_of(kind, size), **harness.xla_analysis(compiled), 'device_peak_mb': harness.device_peak_mb(),
+          'parity_rel': parity}
 
 
 def _seam_torch_optimizer(net, hparams):
@@ -151,13 +151,13 @@ def _torch_step(kind, config, data):
     opt.zero_grad()
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
   return step
 
 
-def torch_job(kind, size):
-  """One PyTorch row: median step time (all CPU cores, or CUDA when this torch has it)."""
-  threads = harness.set_torch_threads()
+def torch_job(kind, size, threads=0):
+  """One PyTorch row: median step time (`threads` CPU threads, 0 = all cores; or CUDA when this torch has it)."""
+  threads = harness.set_torch_threads(threads)
   config = harness.make_config(size)
   step = _torch_step(kind, config, make_batch(kind, size))
   t, loss = harness.median_time(step, size.steps)

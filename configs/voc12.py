@@ -147,6 +147,7 @@ def get_config():
   c.seg.batch_size = 10             # global batch
   c.seg.bn_mode = 'group'           # QUIRK Q1 'group': BN statistics per group of bn_group images (2 GPUs x 5);
   c.seg.bn_group = 5                # 'sync': over the global batch; 'frozen': running statistics (as SEAM)
+  c.seg.bn_momentum = 0.9997        # running statistics, Flax convention (PyTorch momentum 0.0003)
   c.seg.max_steps = 20000
   c.seg.epochs = 0                  # unused while max_steps > 0
   c.seg.lr = 0.001

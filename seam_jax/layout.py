@@ -5,6 +5,7 @@ overrides the derived one. The run folder:
 
   <workdir>/VOC2012/              the generated demo set (demo configs; real runs set data.voc_root)
   <workdir>/lists/                train_aug.txt, train.txt, val.txt, cls_labels.npy          (prepare)
+  <workdir>/pretrain/             ckpt/, export/, metrics.jsonl, tb/               (pretrain: demo backbone)
   <workdir>/seam/                 ckpt/, export/, metrics.jsonl, tb/                         (train)
   <workdir>/cam/<id>.npy          CAM dicts                                                  (infer)
   <workdir>/crf_<alpha>/<id>.npy  CRF score dicts for every infer.crf_alphas                 (crf)
@@ -66,6 +67,16 @@ def export_dir(config, task_name):
   return os.path.join(task_dir(config, task_name), 'export')
 
 
+def init_weights(config):
+  """Initial backbone weights of the trained networks: model.init_weights (the ImageNet ResNet38); '' with an
+  enabled `pretrain` section (the demo) = this run's pretraining export (seam_jax.train.pretrain_task); else ''
+  (random)."""
+  if config.model.init_weights:
+    return config.model.init_weights
+  pretrain = config.get('pretrain')
+  return export_dir(config, 'pretrain') if pretrain is not None and pretrain.enabled else ''
+
+
 def seam_weights(config):
   """infer.checkpoint, '' = the SEAM export of this run."""
   return config.infer.checkpoint or export_dir(config, 'seam')
@@ -119,10 +130,10 @@ def seg_label_dir(config):
 
 def seg_init_weights(config):
   """Initial weights of the segmentation net: seg.init_weights; else, with seg.init_from_seam, the backbone of
-  this run's SEAM export; else model.init_weights (the ImageNet ResNet38; '' = random)."""
+  this run's SEAM export; else init_weights(config) (the ImageNet ResNet38, or the demo's pretraining; '' = random)."""
   if config.seg.init_weights:
     return config.seg.init_weights
-  return export_dir(config, 'seam') if config.seg.init_from_seam else config.model.init_weights
+  return export_dir(config, 'seam') if config.seg.init_from_seam else init_weights(config)
 
 
 def seg_weights(config):
@@ -162,11 +173,12 @@ OUTPUT_FIELDS = ('infer.checkpoint', 'infer.cam_dir', 'infer.crf_dir', 'infer.la
 
 def variant(config, name):
   """A copy of `config` for a second run in <workdir>/<name> on the same data (e.g. the CAM baseline): the input
-  paths (VOC root, lists, labels, ground truth) are pinned to this run's, every output path derives anew."""
+  paths (VOC root, lists, labels, ground truth, initial weights) are pinned to this run's, every output path
+  derives anew."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
     c.data.voc_root, c.data.list_dir, c.data.cls_labels = voc_root(config), list_dir(config), cls_labels(config)
-    c.eval.gt_dir = gt_dir(config)
+    c.eval.gt_dir, c.model.init_weights = gt_dir(config), init_weights(config)
     for field in OUTPUT_FIELDS:
       section, key = field.split('.')
       if section in c and key in c[section]:

@@ -102,52 +102,45 @@ def _palette(label):
   return files.voc_palette()[np.asarray(label)]
 
 
-def _npy(path):
-  return files.load_npy_dict(path) if os.path.isfile(path) else None
+def _label(path, img):
+  del img
+  return _palette(files.load_index_png(path)), 'label'
 
 
-def _png(path):
-  return files.load_index_png(path) if os.path.isfile(path) else None
-
-
-def _cam_tile(config, image_id, img):
-  cams = _npy(os.path.join(layout.cam_dir(config), image_id + '.npy'))
-  if cams is None:
-    return None
+def _cam(path, img):
+  cams = files.load_npy_dict(path)
   heat = np.max(np.stack(list(cams.values())), 0) if cams else np.zeros(img.shape[:2], np.float32)
   return visual.overlay(img, heat), 'image'
 
 
-def _crf_tile(alpha):
-  def tile(config, image_id, img):
-    from seam_jax.infer import evaluation  # pylint: disable=g-import-not-at-top
-    d = _npy(os.path.join(layout.crf_dir(config, alpha), image_id + '.npy'))
-    return None if d is None else (_palette(evaluation.score_dict_label(d, img.shape[:2])), 'label')
-  return tile
+def _crf(path, img):
+  from seam_jax.infer import evaluation  # pylint: disable=g-import-not-at-top
+  return _palette(evaluation.score_dict_label(files.load_npy_dict(path), img.shape[:2])), 'label'
 
 
-def _label_tile(folder_fn):
-  def tile(config, image_id, img):
-    del img
-    label = _png(os.path.join(folder_fn(config), image_id + '.png'))
-    return None if label is None else (_palette(label), 'label')
-  return tile
+def _in(folder_fn, ext):
+  return lambda config, image_id: os.path.join(folder_fn(config), image_id + ext)
 
 
-def strip_columns(config):
-  """[(key, title, run config, tile function)]: tile(config, id, uint8 image) -> (RGB, 'image' | 'label') or None."""
+def strip_groups(config):
+  """[(key, title, list name, [(column key, title, run config, path(config, id), render(path, uint8 image))])]: the
+  pseudo labels on the evaluation list (+ the CAM baseline's), and the segmentation net's final prediction on its
+  test list. render -> (RGB, 'image' | 'label')."""
   runs = run_configs(config)
-  cols = [('image', 'image', config, lambda c, i, img: (img, 'image')),
-          ('truth', 'ground truth', config, _label_tile(layout.gt_dir)),
-          ('cam', 'CAM (max over classes)', config, _cam_tile)]
-  cols += [(f'crf_{float(a)}', f'CRF, alpha {float(a)}', config, _crf_tile(a)) for a in config.infer.crf_alphas]
-  cols.append(('rw', 'random walk', config, _label_tile(layout.rw_dir)))
-  if 'seg' in config:
-    cols.append(('seg', 'final prediction (segmentation)', config, _label_tile(layout.seg_pred_dir)))
+  first = [('image', 'image', config, layout.image_path, lambda path, img: (img, 'image')),
+           ('truth', 'ground truth', config, _in(layout.gt_dir, '.png'), _label)]
+  cols = first + [('cam', 'CAM (max over classes)', config, _in(layout.cam_dir, '.npy'), _cam)]
+  cols += [(f'crf_{float(a)}', f'CRF, alpha {float(a)}', config,
+            _in(lambda c, a=a: layout.crf_dir(c, a), '.npy'), _crf) for a in config.infer.crf_alphas]
+  cols.append(('rw', 'random walk', config, _in(layout.rw_dir, '.png'), _label))
   if 'baseline' in runs:
-    cols += [('baseline_cam', 'CAM baseline: CAM', runs['baseline'], _cam_tile),
-             ('baseline_rw', 'CAM baseline: random walk', runs['baseline'], _label_tile(layout.rw_dir))]
-  return cols
+    cols += [('baseline_cam', 'CAM baseline: CAM', runs['baseline'], _in(layout.cam_dir, '.npy'), _cam),
+             ('baseline_rw', 'CAM baseline: random walk', runs['baseline'], _in(layout.rw_dir, '.png'), _label)]
+  groups = [('pseudo', 'Pseudo labels', config.eval.list, cols)]
+  if 'seg' in config:
+    groups.append(('seg', 'Final prediction of the segmentation net', config.seg.test_list,
+                   first + [('seg', 'final prediction', config, _in(layout.seg_pred_dir, '.png'), _label)]))
+  return groups
 
 
 def _fit(rgb, kind):
@@ -156,33 +149,34 @@ def _fit(rgb, kind):
   return np.asarray(im.resize(size, Image.NEAREST if kind == 'label' else Image.BILINEAR))
 
 
-def strip_ids(config, n):
-  """n ids spread evenly over the evaluation list (those with a random-walk output, when there are any)."""
-  ids = stages._ids(config, config.eval.list) or []  # pylint: disable=protected-access
-  done = [i for i in ids if os.path.isfile(os.path.join(layout.rw_dir(config), i + '.png'))]
-  ids = done or ids
+def strip_ids(config, list_name, last_column, n):
+  """n ids spread evenly over a list (those whose last column's output exists, when there are any)."""
+  ids = stages._ids(config, list_name) or []  # pylint: disable=protected-access
+  _, _, cfg, path, _ = last_column
+  ids = [i for i in ids if os.path.isfile(path(cfg, i))] or ids
   return [ids[k * len(ids) // n] for k in range(min(n, len(ids)))]
 
 
 def write_strips(config, out_dir):
-  """Tiles of report.html's image strips under out_dir/tiles; returns {'columns': [titles], 'rows': [{'id',
-  'tiles': [relative path or None]}]}."""
-  cols, rows = strip_columns(config), []
-  for image_id in strip_ids(config, int(config.pipeline.report_images)):
-    img = files.load_image(layout.image_path(config, image_id))
-    tiles = []
-    for key, _, cfg, fn in cols:
-      made = fn(cfg, image_id, img)
-      if made is None:
-        tiles.append(None)
-        continue
-      rel = os.path.join('tiles', f'{image_id}_{key}.png')
-      files.save_rgb_png(os.path.join(out_dir, rel), _fit(*made))
-      tiles.append(rel)
-    rows.append({'id': image_id, 'tiles': tiles})
-  keep = [k for k in range(len(cols)) if any(r['tiles'][k] for r in rows)]
-  return {'columns': [cols[k][1] for k in keep],
-          'rows': [{'id': r['id'], 'tiles': [r['tiles'][k] for k in keep]} for r in rows]}
+  """Tiles of report.html's image strips under out_dir/tiles; returns [{'title', 'list', 'columns': [titles],
+  'rows': [{'id', 'tiles': [relative path or None]}]}] of the groups with at least one output beside the image."""
+  out = []
+  for group, title, list_name, cols in strip_groups(config):
+    rows = []
+    for image_id in strip_ids(config, list_name, cols[-1], int(config.pipeline.report_images)):
+      img = files.load_image(layout.image_path(config, image_id))
+      tiles = []
+      for key, _, cfg, path, render in cols:
+        rel = os.path.join('tiles', f'{group}_{image_id}_{key}.png') if os.path.isfile(path(cfg, image_id)) else None
+        if rel:
+          files.save_rgb_png(os.path.join(out_dir, rel), _fit(*render(path(cfg, image_id), img)))
+        tiles.append(rel)
+      rows.append({'id': image_id, 'tiles': tiles})
+    keep = [k for k in range(len(cols)) if any(r['tiles'][k] for r in rows)]
+    if len(keep) > 2:   # more than the image and its ground truth
+      out.append({'title': title, 'list': list_name, 'columns': [cols[k][1] for k in keep],
+                  'rows': [{'id': r['id'], 'tiles': [r['tiles'][k] for k in keep]} for r in rows]})
+  return out
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -281,16 +275,18 @@ def _class_section(s):
 def _figures_section(s):
   curves = ''.join(f'<figure><img src="{html.escape(p)}"><figcaption>{RUN_TITLES[r]}: CAM mIoU against the '
                    f'background threshold</figcaption></figure>' for r, p in s['curves'].items())
-  st = s['strips']
   pal = files.voc_palette()
   present = {c for r in s['runs'].values() for sc in r.values() for c in sc['present']}
   legend = ''.join(f'<span class="sw" style="background:rgb{tuple(int(v) for v in pal[k])}"></span>{c} '
                    for k, c in enumerate(voc.CLASSES) if c in present)
-  rows = [f'<td>{html.escape(r["id"])}</td>' + ''.join(
-      f'<td><img src="{html.escape(t)}"></td>' if t else '<td class="na">missing</td>' for t in r['tiles'])
-          for r in st['rows']]
-  return ('<h2>Background-threshold curves</h2>' + curves + '<h2>Examples</h2><p class="legend">' + legend + '</p>'
-          + _table(['id'] + st['columns'], rows))
+  out = '<h2>Background-threshold curves</h2>' + curves + '<h2>Examples</h2><p class="legend">' + legend + '</p>'
+  for st in s['strips']:
+    rows = [f'<td>{html.escape(r["id"])}</td>' + ''.join(
+        f'<td><img src="{html.escape(t)}"></td>' if t else '<td class="na">missing</td>' for t in r['tiles'])
+            for r in st['rows']]
+    out += f'<h3>{html.escape(st["title"])} ({html.escape(st["list"])} list)</h3>' + _table(['id'] + st['columns'],
+                                                                                           rows)
+  return out
 
 
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1180px}

@@ -1,8 +1,8 @@
 """The pipeline's stages, in order: the one registry that `python -m seam_jax`, pipeline.py and the root entry points
 share.
 
-  demo -> prepare -> train -> infer -> crf -> eval_cam -> eval_crf -> train_aff -> rw -> eval_rw -> train_seg ->
-  test_seg -> eval_seg
+  demo -> prepare -> pretrain -> train -> infer -> crf -> eval_cam -> eval_crf -> train_aff -> rw -> eval_rw ->
+  train_seg -> test_seg -> eval_seg          (demo, pretrain: demo configs only)
 
 A stage is `run(config, force=False, **options) -> summary dict` plus the files it writes and reads (seam_jax.layout
 paths). Its outputs are *complete* when every output exists and none is older than the newest input: the pipeline
@@ -122,6 +122,16 @@ def run_prepare(config, force=False, workers=0):
   return prepare_lib.prepare(config, workers=workers or os.cpu_count())
 
 
+@stage('pretrain', outputs=lambda c: [_weights_file(layout.export_dir(c, 'pretrain'))],
+       applies=lambda c: 'pretrain' in c and c.pretrain.enabled)
+def run_pretrain(config, force=False):
+  """The demo's backbone pretraining on its synthetic classification set (seam_jax.train.pretrain_task)."""
+  del force  # training resumes from its checkpoints
+  from seam_jax.train import pretrain_task  # pylint: disable=g-import-not-at-top
+  pretrain_task.run(config)
+  return _train_summary(config, pretrain_task.TASK)
+
+
 def _train_stage(name, task_name, make_task, inputs):
   def run(config, force=False):
     del force  # training resumes from its checkpoints; its export is rewritten at the end
@@ -136,8 +146,14 @@ def _seam_task(config):
   return seam_task.seam_task(config)
 
 
+def _init_weights(path):
+  """[the file dating the initial weights] ([] for a random start)."""
+  return [_weights_file(path)] if path else []
+
+
 _train_stage('train', 'seam', _seam_task,
-             inputs=lambda c: [layout.list_path(c, c.data.train_list), layout.cls_labels(c)])
+             inputs=lambda c: ([layout.list_path(c, c.data.train_list), layout.cls_labels(c)] +
+                               _init_weights(layout.init_weights(c))))
 
 
 @stage('infer', outputs=lambda c: _per_id(layout.cam_dir(c), _ids(c, c.infer.list), '.npy'),
@@ -210,7 +226,8 @@ def _affinity_task(config):
 
 
 _train_stage('train_aff', 'affinity', _affinity_task,
-             inputs=lambda c: _concat(*[_per_id(d, _ids(c, c.aff.train_list), '.npy') for d in layout.score_dirs(c)]))
+             inputs=lambda c: _concat(_init_weights(c.aff.init_weights or layout.init_weights(c)),
+                                      *[_per_id(d, _ids(c, c.aff.train_list), '.npy') for d in layout.score_dirs(c)]))
 
 
 @stage('rw', outputs=lambda c: _per_id(layout.rw_dir(c), _ids(c, c.rw.list), '.png'),

@@ -36,7 +36,7 @@ def data(tmp_path_factory):
   overrides = {'data.voc_root': layout.voc_root(config), 'data.list_dir': layout.list_dir(config),
                'model.width_div': 32, 'data.crop_size': 32, 'data.resize_long': '(32,48)', 'train.batch_size': 4,
                'train.max_steps': STEPS, 'train.log_every': 1, 'train.ckpt_every': 1, 'train.keep_checkpoints': 2,
-               'train.fast_compile': True, 'train.image_summaries': False}
+               'train.fast_compile': True, 'train.image_summaries': False, 'pretrain.enabled': False}
   flags = ['--config=configs/demo.py'] + [f'--config.{k}={v}' for k, v in overrides.items()]
   # The persistent compilation cache only makes restarts cheaper: a cached executable is the compiled program.
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',

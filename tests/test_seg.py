@@ -63,6 +63,13 @@ def image(shape, seed=0):
   return np.random.RandomState(seed).randn(*shape).astype(np.float32)
 
 
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """The training runs below compile the same step several times: let JAX's persistent cache reuse it (speed only)."""
+  if jax.config.jax_compilation_cache_dir is None:
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+
 # ------------------------------------------------------------------------------------------------ network
 def test_head_parity_eval():
   ref, model, variables = reference()
@@ -218,6 +225,7 @@ def tiny_config(workdir, **seg):
   c.workdir = str(workdir)
   c.model.width_div = 32
   c.model.calibrate_bn = False
+  c.pretrain.enabled = False        # random init (no demo pretraining export)
   c.seg.update(dict(batch_size=4, bn_group=2, crop_size=32, max_steps=4, log_every=2, ckpt_every=2,
                     init_from_seam=False, fast_compile=True), **seg)
   return c
@@ -454,6 +462,7 @@ def demo_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('e2e')
   c = demo.get_config('tiny')
   c.workdir = str(root / 'work')
+  c.pretrain.enabled = False
   c.seg.update(init_from_seam=False, batch_size=8, bn_group=4, max_steps=2, scales=(0.75, 1.0), crf=True)
   stages.run_stages(c, ['demo', 'prepare'], check=False)
   for i in layout.read_ids(c, c.seg.train_list):

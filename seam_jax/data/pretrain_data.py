@@ -29,18 +29,19 @@ def hue_label(hue, num_classes):
   return int(hue * num_classes) % num_classes
 
 
-def render(seed, index, size, num_classes):
-  """Image `index`: (uint8 (size, size, 3) RGB, int label in [0, num_classes))."""
+def render(seed, index, size):
+  """Image `index`: (uint8 (size, size, 3) RGB, bool (size, size) object mask, the object's hue in [0, 1))."""
   rng = np.random.default_rng([seed, index, STREAM])
   img = rng.normal(rng.uniform(*GREY), 20, (size, size, 3))
   hue = rng.random()
-  colour = np.array(demo_data.hsv_to_rgb(hue, rng.uniform(*SATURATION), rng.uniform(*VALUE)), np.float32)
+  colour = demo_data.hsv_to_rgb(hue, rng.uniform(*SATURATION), rng.uniform(*VALUE))
   radius = rng.uniform(*OBJECT_SCALE) * size / 2
   cx, cy = rng.uniform(.25, .75, 2) * size
   x, y = demo_data.object_frame(size, size, cx, cy, rng.uniform(0, 2 * np.pi))
   shape = demo_data.SHAPES[rng.integers(len(demo_data.SHAPES))]
-  img[shape(x / radius, y / (radius * rng.uniform(.7, 1.3)))] = colour
-  return np.clip(img, 0, 255).astype(np.uint8), hue_label(hue, num_classes)
+  mask = shape(x / radius, y / (radius * rng.uniform(.7, 1.3)))
+  img[mask] = colour
+  return np.clip(img, 0, 255).astype(np.uint8), mask, hue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,5 +63,5 @@ class PretrainSource:
     return self.num_images
 
   def __getitem__(self, index):
-    img, label = render(self.seed, int(index), self.size, self.num_classes)
-    return {'image': voc.normalize(img), 'label': np.int32(label)}
+    img, _, hue = render(self.seed, int(index), self.size)
+    return {'image': voc.normalize(img), 'label': np.int32(hue_label(hue, self.num_classes))}

@@ -11,7 +11,8 @@ BatchNorm in training (`bn_mode`; evaluation always uses the running statistics)
   'group'  (QUIRK Q1, the default): every BN, backbone and head, normalises each group of `bn_group` consecutive
            images of the global batch with that group's own statistics (the original: plain BatchNorm2d under
            nn.DataParallel on 2 GPUs, 5 images each) and updates the running statistics from group 0 only
-           (DataParallel keeps replica 0's), PyTorch-style with momentum 0.0003 and the unbiased variance.
+           (DataParallel keeps replica 0's), PyTorch-style with momentum 0.0003 (`bn_momentum` 0.9997 in Flax's
+           convention) and the unbiased variance.
   'sync'   statistics of the whole global batch: under jit over the 'data' mesh the mean over the sharded batch axis
            is a cross-device mean, i.e. synchronised BN. Running statistics as above.
   'frozen' running statistics, never updated (SEAM's BN).
@@ -75,17 +76,18 @@ class GroupBatchNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
-def _group_bn(name, dtype, group_size):
-  return GroupBatchNorm(group_size, dtype=dtype, name=name)
+def _group_bn(name, dtype, group_size, momentum):
+  return GroupBatchNorm(group_size, momentum, dtype=dtype, name=name)
 
 
-def batch_norm(mode, group_size):
-  """The `norm` factory (name, dtype) -> BatchNorm module of a training `mode` (module doc)."""
+def batch_norm(mode, group_size, momentum=BN_MOMENTUM):
+  """The `norm` factory (name, dtype) -> BatchNorm module of a training `mode` (module doc); `momentum` of the
+  running statistics in Flax's convention."""
   if mode not in BN_MODES:
     raise ValueError(f'bn_mode must be one of {BN_MODES}, got {mode!r}')
   if mode == 'frozen':
     return resnet38.bn
-  return functools.partial(_group_bn, group_size=int(group_size) if mode == 'group' else 0)
+  return functools.partial(_group_bn, group_size=int(group_size) if mode == 'group' else 0, momentum=float(momentum))
 
 
 class DeepLab(BackboneNet):
@@ -95,10 +97,11 @@ class DeepLab(BackboneNet):
   num_classes: int = 21
   bn_mode: str = 'group'
   bn_group: int = 5
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train=False, upsample=True, dropout=None):
-    norm = batch_norm(self.bn_mode if train else 'frozen', self.bn_group)
+    norm = batch_norm(self.bn_mode if train else 'frozen', self.bn_group, self.bn_momentum)
     dropout = train if dropout is None else dropout
     d = self.features(x, dropout, norm)
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_fan_out, dtype=self.dtype)

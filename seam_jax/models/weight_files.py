@@ -132,6 +132,10 @@ def read_pth(path, use_torch=None):
       obj = _read_zip_pth(path) if zipfile.is_zipfile(path) else _read_legacy_pth(path)
   except DataError:
     raise
+  except pickle.UnpicklingError as e:   # a pickle naming other objects than tensors (code it would run): refused
+    lines = str(e).splitlines()
+    detail = next((l.strip() for l in lines if 'GLOBAL' in l or 'global' in l), lines[0] if lines else '')
+    raise DataError(f'{path}: refused to unpickle, a weights file holds tensors only ({detail})') from None
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'{path}: cannot read as a PyTorch weights file ({type(e).__name__}: {e})') from e
   obj = _unwrap(obj)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from seam_jax import layout
 from seam_jax.data import voc
+from seam_jax.models import deeplab
 from seam_jax.train import trainer
 
 
@@ -28,13 +29,14 @@ def cross_entropy(logits, labels, ignore=voc.IGNORE):
   return jnp.sum(jnp.where(valid, nll, 0.)) / jnp.maximum(count, 1), count
 
 
-def make_loss_fn(bn_mode, bn_group, dropout=True):
+def make_loss_fn(bn_mode, bn_group, bn_momentum=deeplab.BN_MOMENTUM, dropout=True):
   """loss_fn(model, variables, batch, rng, step) -> (loss, (metrics, new batch_stats)): the net in training mode
-  (BatchNorm `bn_mode` over groups of `bn_group` images; dropout unless `dropout=False`, for deterministic tests)
-  on batch['image'], cross-entropy against batch['label'] (255 ignored), pixel accuracy as a metric."""
+  (BatchNorm `bn_mode` over groups of `bn_group` images, running statistics with `bn_momentum`; dropout unless
+  `dropout=False`, for deterministic tests) on batch['image'], cross-entropy against batch['label'] (255 ignored),
+  pixel accuracy as a metric."""
   def loss_fn(model, variables, batch, rng, step):
     del step
-    net = model.clone(bn_mode=bn_mode, bn_group=bn_group)
+    net = model.clone(bn_mode=bn_mode, bn_group=bn_group, bn_momentum=bn_momentum)
     logits, updates = net.apply(variables, batch['image'], train=True, dropout=dropout, rngs={'dropout': rng},
                                 mutable=['batch_stats'])
     labels = batch['label'].astype(jnp.int32)
@@ -62,7 +64,7 @@ def seg_task(config, make_loader=None):
     make_loader = functools.partial(seg_data.seg_train_loader, config)
   return trainer.Task(
       name='seg', model_kind='deeplab', hparams=seg_hparams(config), make_loader=make_loader,
-      loss_fn=make_loss_fn(s.bn_mode, int(s.bn_group)),
+      loss_fn=make_loss_fn(s.bn_mode, int(s.bn_group), float(s.bn_momentum)),
       init_input_shape=(64, 64),  # parameters do not depend on the input size; small = cheap init
       updates_batch_stats=True)
 

@@ -92,9 +92,9 @@ def random_init(config, task):
 
 def init_variables(config, task, rng):
   """model.init on a dummy batch, then the ImageNet ResNet38 weights when configured (hparams.init_weights, else
-  config.model.init_weights)."""
+  layout.init_weights: config.model.init_weights or the demo's pretraining export)."""
   variables = random_init(config, task)(rng)
-  path = task.hparams.get('init_weights', '') or config.model.init_weights
+  path = task.hparams.get('init_weights', '') or layout.init_weights(config)
   if path:
     from seam_jax.models import convert  # pylint: disable=g-import-not-at-top  (lazy: only when weights are given)
     variables = convert.imagenet_init(variables, path, task.model_kind, config.model)
