@@ -173,8 +173,10 @@ def device_peak_mb():
 def torch_net(kind, width_div, seed=0):
   """A torch_reference net with random weights and BN statistics (randomize_), so that a conversion mistake would
   show as an output difference."""
+  import torch  # pylint: disable=g-import-not-at-top
   from torch_reference import deeplab, models  # pylint: disable=g-import-not-at-top
   cls = {'seam': models.SEAMRef, 'affinity': models.AffinityRef, 'deeplab': deeplab.DeepLabRef}[kind]
+  torch.manual_seed(seed)   # what randomize_ leaves at PyTorch's default init (DeepLab's classifier bias)
   return models.randomize_(cls(width_div), seed=seed)
 
 
@@ -182,7 +184,7 @@ def jax_variables(kind, model_config, seed=0):
   """The same weights as torch_net(kind, ...) as Flax variables."""
   from seam_jax.models import convert  # pylint: disable=g-import-not-at-top
   from torch_reference import models  # pylint: disable=g-import-not-at-top
-  net = torch_net(kind, int(model_config.width_div), seed)
+  net = torch_net(kind, int(model_config.width_div), seed)   # the cached net: the torch rows use the same one
   sd = {k: np.array(v) for k, v in models.state_dict_numpy(net).items()}   # copies: JAX may alias host memory
   return convert.state_dict_to_variables(sd, kind, model_config)
 

@@ -51,7 +51,7 @@ def cam_torch_job(size, root, threads=0):
   threads = harness.set_torch_threads(threads)
   config, layout = _cam_config(size, root, 'float32', 'torch')
   dev = harness.torch_device()
-  net = harness.torch_net('seam', size.width_div).eval().to(dev)
+  net = harness.torch_net('seam', size.width_div, 0).eval().to(dev)
   labels = voc.load_cls_labels(layout.cls_labels(config))
 
   @torch.no_grad()

@@ -82,7 +82,7 @@ def forward_parity(kind, config, variables, x):
   import torch  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from seam_jax import models  # pylint: disable=g-import-not-at-top
-  net = harness.torch_net(kind, int(config.model.width_div)).eval()
+  net = harness.torch_net(kind, int(config.model.width_div), 0).eval()
   ours = jax.jit(models.build(kind, config.model).apply)(variables, x)
   with torch.no_grad():
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
@@ -128,7 +128,7 @@ def _torch_step(kind, config, data):
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   from torch_reference import deeplab, losses  # pylint: disable=g-import-not-at-top
   dev = harness.torch_device()
-  net = harness.torch_net(kind, int(config.model.width_div)).train().to(dev)
+  net = harness.torch_net(kind, int(config.model.width_div), 0).train().to(dev)
   img = torch.from_numpy(np.ascontiguousarray(data['image'].transpose(0, 3, 1, 2))).to(dev)
   if kind == 'deeplab':
     opt, label = deeplab.make_sgd(net), torch.from_numpy(data['label'].astype(np.int64)).to(dev)

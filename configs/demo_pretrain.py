@@ -18,7 +18,7 @@ def get_config():
   p.batch_size = 32
   p.epochs = 0
   p.max_steps = 300
-  p.lr = 0.05
+  p.lr = 0.02
   p.weight_decay = 1e-4
   p.momentum = 0.9
   p.fix_momentum = False

@@ -12,18 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
-from seam_jax import layout
 from seam_jax.common import files
-from seam_jax.data import demo_data, prepare, voc
+from seam_jax.data import voc
 from seam_jax.models import convert, weight_files
 from seam_jax.train import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600
-TINY = ['--config=configs/demo.py', '--config.model.width_div=32', '--config.data.crop_size=32',
-        '--config.data.resize_long=(32,48)', '--config.train.batch_size=4', '--config.train.max_steps=2',
-        '--config.train.fast_compile=True', '--config.infer.scales=(1.0,)', '--config.pretrain.enabled=False']
 
 
 class Evil:
@@ -36,21 +31,10 @@ class Evil:
     return os.system, (f'touch {self.marker}',)
 
 
-@pytest.fixture(scope='module')
-def base(tmp_path_factory):
-  """A prepared tiny demo set (VOC folder, lists, cls_labels.npy) that every case copies."""
-  root = tmp_path_factory.mktemp('bad') / 'base'
-  config = demo.get_config()
-  config.workdir = str(root)
-  demo_data.generate(layout.voc_root(config), num_train=8, num_val=2, num_aug=0, image_size=(40, 56), seed=0,
-                     workers=1, classes=config.demo.classes, plain=True)
-  prepare.prepare(config, workers=1)
-  return root
-
-
 @pytest.fixture
-def work(base, tmp_path):
-  shutil.copytree(base, tmp_path / 'run')
+def work(tiny_demo, tmp_path):
+  """A copy of the prepared tiny demo run folder (VOC2012/, lists/) for one case to damage."""
+  shutil.copytree(tiny_demo.workdir, tmp_path / 'run')
   return tmp_path / 'run'
 
 
@@ -64,9 +48,11 @@ def snapshot(root):
 
 
 def run_bad(work, script, *flags):
-  """Run `script` on `work`; check the one-line error and the untouched folder; returns the error line."""
+  """Run `script` on `work` (its own data: the tiny demo flags without the data paths); check the one-line error
+  and the untouched folder; returns the error line."""
   before = snapshot(work)
-  proc = subprocess.run([sys.executable, script, *TINY, f'--config.workdir={work}', *flags], cwd=ROOT,
+  tiny = ['--config=configs/demo.py:tiny', '--config.pretrain.enabled=False', '--config.model.calibrate_bn=True']
+  proc = subprocess.run([sys.executable, script, *tiny, f'--config.workdir={work}', *flags], cwd=ROOT,
                         env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
                                  XLA_FLAGS='--xla_force_host_platform_device_count=2'), capture_output=True, text=True,
                         timeout=TIMEOUT_S)

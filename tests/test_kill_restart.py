@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 
 from configs import demo
-from seam_jax import layout
-from seam_jax.data import demo_data, prepare
 from seam_jax.models import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,19 +23,11 @@ KILLS = ('step', 'write', 'step', 'write')   # where each interrupted start is k
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-  """A tiny demo set with its lists; the train.py command line and environment every run shares."""
+def data(tiny_flags, tmp_path_factory):
+  """The train.py command line and environment every run shares (on the tiny demo set)."""
   tmp = tmp_path_factory.mktemp('kill')
-  config = demo.get_config()
-  config.workdir = str(tmp)
-  demo_data.generate(layout.voc_root(config), num_train=16, num_val=2, num_aug=0, image_size=(40, 56), seed=0,
-                     workers=1, classes=config.demo.classes, plain=True)
-  prepare.prepare(config, workers=1)
-  overrides = {'data.voc_root': layout.voc_root(config), 'data.list_dir': layout.list_dir(config),
-               'model.width_div': 32, 'data.crop_size': 32, 'data.resize_long': '(32,48)', 'train.batch_size': 4,
-               'train.max_steps': STEPS, 'train.log_every': 1, 'train.ckpt_every': 1, 'train.keep_checkpoints': 2,
-               'train.fast_compile': True, 'train.image_summaries': False, 'pretrain.enabled': False}
-  flags = ['--config=configs/demo.py'] + [f'--config.{k}={v}' for k, v in overrides.items()]
+  flags = tiny_flags + [f'--config.train.max_steps={STEPS}', '--config.train.log_every=1',
+                        '--config.train.ckpt_every=1', '--config.train.keep_checkpoints=2']
   # The persistent compilation cache only makes restarts cheaper: a cached executable is the compiled program.
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_COMPILATION_CACHE_DIR=str(tmp / 'jax_cache'), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
@@ -105,8 +95,7 @@ def test_killed_runs_end_like_an_uninterrupted_one(data):
   assert landed[:2] == [True, True], landed   # a kill inside training and one inside a checkpoint write, at least
   assert not temporary_steps(killed)            # the cut write was cleaned up
   assert logged_steps(killed) == list(range(1, STEPS + 1))   # lines after the restored step logged once
-  model = demo.get_config().model
-  model.width_div = 32
+  model = demo.get_config('tiny').model
   for a, b in zip(export_leaves(straight, model), export_leaves(killed, model)):
     np.testing.assert_array_equal(a, b)
 

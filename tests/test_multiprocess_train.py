@@ -10,13 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from configs import demo
-from seam_jax import layout
-from seam_jax.data import demo_data, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 900
 STEPS = 2
+BATCH = 8   # the global batch: one row per device
 
 # Runs the real entry point (train.py, its absl flags included) with the trainer wrapped to leave this process's
 # variables in <out>/variables_<step>_<process>.npz: the initial ones (step 0) and those of every checkpoint.
@@ -54,19 +52,11 @@ def free_port():
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-  """A tiny demo set with its lists; the flags every run shares."""
-  tmp = tmp_path_factory.mktemp('mptrain')
-  config = demo.get_config()
-  config.workdir = str(tmp)
-  demo_data.generate(layout.voc_root(config), num_train=16, num_val=2, num_aug=0, image_size=(40, 56), seed=0,
-                     workers=1, classes=config.demo.classes, plain=True)
-  prepare.prepare(config, workers=1)
-  overrides = {'data.voc_root': layout.voc_root(config), 'data.list_dir': layout.list_dir(config),
-               'model.width_div': 32, 'data.crop_size': 32, 'data.resize_long': '(32,48)', 'train.batch_size': 8,
-               'train.max_steps': STEPS, 'train.log_every': 1, 'train.ckpt_every': 1, 'train.fast_compile': True,
-               'train.image_summaries': False, 'pretrain.enabled': False}
-  return tmp, ['--config=configs/demo.py'] + [f'--config.{k}={v}' for k, v in overrides.items()]
+def data(tiny_demo, tiny_flags, tmp_path_factory):
+  """(folder, crop size, the flags every run shares)."""
+  flags = tiny_flags + [f'--config.train.batch_size={BATCH}', f'--config.train.max_steps={STEPS}',
+                        '--config.train.log_every=1', '--config.train.ckpt_every=1']
+  return tmp_path_factory.mktemp('mptrain'), tiny_demo.data.crop_size, flags
 
 
 def run_train(flags, workdir, num_processes):
@@ -103,7 +93,7 @@ def reorder_rtol(variables, image_shape):
 
 
 def test_two_processes_train_like_one(data):
-  tmp, flags = data
+  tmp, crop, flags = data
   single = [v[0] for v in run_train(flags, str(tmp / 'one'), 1)]
   pair = run_train(flags, str(tmp / 'two'), 2)
   norm = lambda x: np.linalg.norm(np.asarray(x, np.float64))
@@ -116,7 +106,7 @@ def test_two_processes_train_like_one(data):
   # over gloo) and reductions XLA splits by the device count of a process. Each quantity of one step (the
   # BatchNorm statistics calibrated on the first batch, each update) then differs by at most `rtol` of its size;
   # to first order the update differences add up over the steps.
-  rtol = reorder_rtol(single[0], (8, 32, 32))
+  rtol = reorder_rtol(single[0], (BATCH, crop, crop))
   final, initial = single[STEPS], single[0]
   for k in final:
     diff = norm(pair[STEPS][0][k] - final[k])

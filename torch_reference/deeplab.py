@@ -115,7 +115,7 @@ def train_step(model, optimizer, image, label, itr, max_itr, group, lr_init=0.00
   loss = F.cross_entropy(data_parallel_forward(model, image, group), label, ignore_index=255)
   loss.backward()
   optimizer.step()
-  return float(loss)
+  return float(loss.detach())
 
 
 @torch.no_grad()

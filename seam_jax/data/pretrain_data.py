@@ -2,8 +2,8 @@
 real recipe (configs/demo_pretrain.py, seam_jax.train.pretrain_task).
 
 Image k of the set holds one object: a random seam_jax.data.demo_data.SHAPES shape, randomly scaled, stretched,
-rotated and placed, flat-filled with a colour of uniformly random hue, saturation in [0.3, 1] and value in
-[0.35, 1], on grey pixel noise of a random level. Its label is the hue bin floor(hue * num_classes). Only the hue
+rotated and placed, flat-filled with a colour of uniformly random hue, saturation in [0.5, 1] and value in
+[0.5, 1], on grey pixel noise of a random level. Its label is the hue bin floor(hue * num_classes). Only the hue
 decides the label, so a network that classifies the set has learnt to tell hues apart whatever the shape, size,
 brightness or position: the features the demo set's classes (flat discs of 20 hues, demo_data.plain_colour) need
 and a randomly initialised backbone lacks. Nothing of the demo set is used (no image, no pixel label, no class
@@ -17,8 +17,8 @@ from seam_jax.common.errors import DataError
 from seam_jax.data import demo_data
 from seam_jax.data import voc
 
-SATURATION = (0.3, 1.0)
-VALUE = (0.35, 1.0)
+SATURATION = (0.5, 1.0)
+VALUE = (0.5, 1.0)
 GREY = (70, 190)       # background level range; pixel noise std 20 as the demo set's
 OBJECT_SCALE = (0.35, 0.8)  # object diameter / image side
 STREAM = 1  # the generator key is (seed, index, STREAM): never the demo set's (seed, index)

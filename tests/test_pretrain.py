@@ -1,0 +1,101 @@
+"""The demo's backbone pretraining stage: its synthetic classification set (seam_jax.data.pretrain_data), its task
+(seam_jax.train.pretrain_task) and the hand-over of its export to SEAM through layout.init_weights."""
+import colorsys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from seam_jax import layout, stages
+from seam_jax.common import errors
+from seam_jax.data import pretrain_data, voc
+from seam_jax.models import deeplab
+from seam_jax.train import pretrain_task, seam_task, trainer
+
+
+def test_set_is_a_function_of_seed_and_index_and_labels_are_hue_bins():
+  a, b = pretrain_data.PretrainSource(40, 48, 12, 0), pretrain_data.PretrainSource(40, 48, 12, 1)
+  labels = []
+  for k in range(40):
+    img, mask, hue = pretrain_data.render(0, k, 48)
+    again, _, _ = pretrain_data.render(0, k, 48)
+    assert np.array_equal(img, again) and not np.array_equal(img, pretrain_data.render(1, k, 48)[0])
+    assert .05 * 48 * 48 < mask.sum() < .7 * 48 * 48
+    # The object is flat-filled with a colour of hue `hue` (uint8 rounding moves the hue by < 1/255 of a turn
+    # per channel step, over a chroma of at least 0.3 * 0.35 * 255 = 27 levels: < 1 / (6 * 27) of a turn).
+    r, g, bb = img[mask][0] / 255.
+    assert (img[mask] == img[mask][0]).all()
+    d = abs(colorsys.rgb_to_hsv(r, g, bb)[0] - hue)
+    assert min(d, 1 - d) < 1 / (6 * 26)
+    assert int(a[k]['label']) == int(hue * 12) and a[k]['image'].dtype == np.float32
+    np.testing.assert_array_equal(a[k]['image'], voc.normalize(img))
+    labels.append(int(a[k]['label']))
+  assert len(set(labels)) >= 8                    # the classes are spread over the wheel
+  assert any(int(a[k]['label']) != int(b[k]['label']) for k in range(40))
+
+
+@pytest.mark.parametrize('kw, match', [(dict(num_classes=22), 'num_classes'), (dict(num_classes=1), 'num_classes'),
+                                       (dict(size=16), 'image_size')])
+def test_bad_set_parameters(kw, match):
+  args = dict(num_images=8, size=48, num_classes=12, seed=0)
+  with pytest.raises(errors.DataError, match=match):
+    pretrain_data.PretrainSource(**{**args, **kw})
+
+
+def test_running_statistics_are_an_ema_of_the_batch_statistics():
+  old = {'mean': jnp.array([0., 1., -2.]), 'var': jnp.array([1., 4., .5])}
+  batch = {'mean': jnp.array([3., -1., 0.]), 'var': jnp.array([2., 1., 9.])}
+  m = deeplab.BN_MOMENTUM
+  updated = jax.tree.map(lambda o, s: m * o + (1 - m) * s, old, batch)   # what GroupBatchNorm writes
+  got = pretrain_task.ema_batch_stats(old, updated, 0.9)
+  want = jax.tree.map(lambda o, s: .9 * o + .1 * s, old, batch)
+  # float32: u - o carries ~eps * |o| of rounding, scaled by 0.1 / (1 - m) ~ 333.
+  tol = 333 * 2 * np.finfo(np.float32).eps * 9
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=tol), got, want)
+
+
+def make_config(tmp_path):
+  c = demo.get_config('tiny')
+  c.workdir = str(tmp_path)
+  c.pretrain.update(num_images=64, image_size=32, num_classes=4, batch_size=16, max_steps=60, lr=0.02,
+                    log_every=20, ckpt_every=100, fast_compile=True)
+  return c
+
+
+def test_pretraining_learns_and_seam_starts_from_its_backbone(tmp_path):
+  config = make_config(tmp_path)
+  assert stages.select('', config)[:4] == ['demo', 'prepare', 'pretrain', 'train']
+  assert layout.init_weights(config) == layout.export_dir(config, 'pretrain')
+  variables = pretrain_task.run(config)
+  logs = [__import__('json').loads(l) for l in open(tmp_path / 'pretrain' / 'metrics.jsonl')]
+  print('pretrain loss per log step:', [round(l['loss'], 3) for l in logs], 'chance', round(np.log(4), 3))
+  assert logs[-1]['step'] == 60 and logs[-1]['loss'] < 0.8 * np.log(4)
+  # The running statistics followed the data (init: mean 0, var 1).
+  bn = variables['batch_stats']['backbone']['b3']['bn_branch2a']
+  assert not np.allclose(bn['mean'], 0., atol=1e-3) and not np.allclose(bn['var'], 1., atol=1e-2)
+
+  # SEAM's initial variables: the pretrained backbone (params and statistics), its own freshly initialised head.
+  with config.unlocked():
+    config.model.calibrate_bn = True   # ignored: initial weights exist
+  init = trainer.init_variables(config, seam_task.seam_task(config, make_loader=lambda seed: (None, 0)),
+                                jax.random.PRNGKey(0))
+  flat = lambda t: flax.traverse_util.flatten_dict(t)
+  for col in ('params', 'batch_stats'):
+    got, want = flat(init[col]['backbone']), flat(variables[col]['backbone'])
+    assert got.keys() == want.keys()
+    for k in got:
+      np.testing.assert_array_equal(got[k], want[k])
+  assert 'fc8' in init['params']
+
+
+def test_pretraining_off_gives_a_random_start(tmp_path):
+  config = make_config(tmp_path)
+  with config.unlocked():
+    config.pretrain.enabled = False
+  assert layout.init_weights(config) == '' and 'pretrain' not in stages.select('', config)
+  with config.unlocked():
+    config.model.init_weights = '/x/imagenet.params'
+  assert layout.init_weights(config) == '/x/imagenet.params'
