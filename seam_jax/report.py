@@ -21,7 +21,7 @@ from seam_jax.common import files, visual
 from seam_jax.data import voc
 
 RUN_TITLES = {'seam': 'SEAM', 'baseline': 'CAM baseline'}
-TILE_HEIGHT = 128   # every tile is scaled to this height (label maps without interpolation)
+TILE_HEIGHT = 96    # every tile is scaled to this height (label maps without interpolation)
 
 
 def pct(x):
@@ -293,7 +293,7 @@ STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1180px}
 table{border-collapse:collapse;margin:8px 0 20px}th,td{border:1px solid #ccc;padding:3px 8px;font-size:13px}
 th{background:#f0f0f0;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.absent{color:#aaa}td.na{color:#aaa;text-align:center}td.skipped{color:#777}td.ran{color:#070}
-figure{display:inline-block;margin:0 16px 0 0}figcaption{font-size:12px;color:#555}
+figure{display:inline-block;margin:0 16px 0 0}figure img{width:540px}figcaption{font-size:12px;color:#555}
 .sw{display:inline-block;width:12px;height:12px;border:1px solid #888;margin:0 4px 0 10px;vertical-align:middle}
 .note,.legend{font-size:13px;color:#444}td img{display:block}"""
 

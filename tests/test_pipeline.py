@@ -221,8 +221,8 @@ def _check_report(c):
   with open(os.path.join(out, 'report.html')) as f:
     page.feed(f.read())
   assert page.srcs and all(os.path.isfile(os.path.join(out, s)) for s in page.srcs)
-  columns = 3 + len(c.infer.crf_alphas) + 2         # image, truth, CAM, CRFs, random walk; baseline CAM, walk
-  assert len([s for s in page.srcs if s.startswith('tiles/')]) >= c.pipeline.report_images * columns
+  columns = 4 + len(c.infer.crf_alphas) + 2         # image, truth, CAM, CRFs, random walk; baseline CAM, walk
+  assert len([s for s in page.srcs if s.startswith('tiles/pseudo_')]) == c.pipeline.report_images * columns
   numeric = [(k, t) for k, t in page.cells if t.strip().replace('.', '', 1).isdigit()]
   assert all(k for k, _ in numeric), [t for k, t in numeric if not k]    # every number shown has its key
   keys = {k for k, _ in numeric}
@@ -237,10 +237,12 @@ def _check_report(c):
       got = summary['runs'][run][name]
       assert got['miou'] == round(100 * res['miou'], 1) and got['miou_present'] == round(100 * res['miou_present'], 1)
       assert all(got['per_class'][k] == round(100 * v['iou'], 1) for k, v in res['per_class'].items())
+  with open(stages.results_path(c, 'cam')) as f:
+    res = json.load(f)
   cam = summary['runs']['seam']['cam']
-  k = [round(t, 2) for t in json.load(open(stages.results_path(c, 'cam')))['thresholds']].index(
-      cam['fixed_threshold'])
-  assert cam['miou_fixed'] == round(100 * json.load(open(stages.results_path(c, 'cam')))['miou_curve'][k], 1)
+  k = [round(t, 2) for t in res['thresholds']].index(round(c.infer.bg_threshold, 2))
+  assert cam['fixed_threshold'] == round(c.infer.bg_threshold, 2)
+  assert cam['miou_fixed'] == round(100 * res['miou_curve'][k], 1)
   names = stages.select('all', c)
   assert [r['stage'] for r in summary['stages']] == names + stages.baseline_stages(names)
 

@@ -52,6 +52,7 @@ def keep(record, rng):
 def make_config(workdir, **train):
   c = demo.get_config()
   c.workdir = str(workdir)
+  c.pretrain.enabled = False   # random init with calibrated BatchNorm statistics
   c.model.width_div = 32
   c.data.crop_size = SIZE
   c.train.update(dict(batch_size=8, epochs=3, log_every=2, ckpt_every=2, image_summaries=True, fast_compile=True),

@@ -289,37 +289,38 @@ def _steps(config, task, mesh, mngr, log, run, steps, max_steps):
   step_fn = jit_train_step(make_train_step(models.build(task.model_kind, config.model), task, tx), mesh,
                            hp.get('fast_compile', False))
   history, timed, t0, end = [], 0, time.time(), steps.stop
-  bar = tqdm.tqdm(total=max_steps, initial=steps.start, desc=task.name,
-                  disable=not distributed.is_main())
-  for step in steps:
-    local = next(data_iter)
-    state, metrics = step_fn(state, shard_batch(local, mesh), rng)
-    history.append(metrics)
-    if step == steps.start:   # compile + first step: keep it out of the throughput
-      jax.block_until_ready(metrics)
-      logging.info('%s: first step (compile included) took %.1f s', task.name, time.time() - t0)
-      t0 = time.time()
-    else:
-      timed += 1
-    bar.update(1)
-    done = step + 1
-    log_now, save_now = done % hp.log_every == 0 or done == end, done % hp.ckpt_every == 0 or done == end
-    if log_now or save_now:
-      host = jax.device_get(history)
-      check_finite(task, host, done - len(host) + 1, mngr)
-    if log_now:
-      scalars = mean_metrics(host)
-      scalars.update(lr=float(schedule(step)), img_per_s=timed * hp.batch_size / (time.time() - t0))
-      log.scalars(done, scalars)
-      bar.set_postfix({k: f'{v:.4g}' for k, v in scalars.items()})
-      if task.image_summaries is not None and hp.get('image_summaries', False) and log.active:
-        log.images(done, task.image_summaries(local_copy(state.variables), local))
-      history, timed, t0 = [], 0, time.time()
-    if save_now:
-      if not bool(checkpoints.all_finite(state)):
-        mngr.wait_until_finished()
-        raise DataError(f'{task.name}: non-finite parameters after step {done}; training stopped, the last good '
-                        f'checkpoint (step {mngr.latest_step()}) stays in {mngr.directory}')
-      checkpoints.save(mngr, done, state, rng, data_iter, meta)
-  bar.close()
+  bar = tqdm.tqdm(total=max_steps, initial=steps.start, desc=task.name, disable=not distributed.is_main())
+  try:
+    for step in steps:
+      local = next(data_iter)
+      state, metrics = step_fn(state, shard_batch(local, mesh), rng)
+      history.append(metrics)
+      if step == steps.start:   # compile + first step: keep it out of the throughput
+        jax.block_until_ready(metrics)
+        logging.info('%s: first step (compile included) took %.1f s', task.name, time.time() - t0)
+        t0 = time.time()
+      else:
+        timed += 1
+      bar.update(1)
+      done = step + 1
+      log_now, save_now = done % hp.log_every == 0 or done == end, done % hp.ckpt_every == 0 or done == end
+      if log_now or save_now:
+        host = jax.device_get(history)
+        check_finite(task, host, done - len(host) + 1, mngr)
+      if log_now:
+        scalars = mean_metrics(host)
+        scalars.update(lr=float(schedule(step)), img_per_s=timed * hp.batch_size / (time.time() - t0))
+        log.scalars(done, scalars)
+        bar.set_postfix({k: f'{v:.4g}' for k, v in scalars.items()})
+        if task.image_summaries is not None and hp.get('image_summaries', False) and log.active:
+          log.images(done, task.image_summaries(local_copy(state.variables), local))
+        history, timed, t0 = [], 0, time.time()
+      if save_now:
+        if not bool(checkpoints.all_finite(state)):
+          mngr.wait_until_finished()
+          raise DataError(f'{task.name}: non-finite parameters after step {done}; training stopped, the last good '
+                          f'checkpoint (step {mngr.latest_step()}) stays in {mngr.directory}')
+        checkpoints.save(mngr, done, state, rng, data_iter, meta)
+  finally:
+    bar.close()   # also on an error: its message then starts on a line of its own
   return state
