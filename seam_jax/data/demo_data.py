@@ -3,9 +3,9 @@
 Two styles (Style): the hard set (default) draws each of the 20 classes as a distinct rotated shape filled with a
 distinct texture in a class hue (jittered); an image holds 1-4 objects of 15-50% of its shorter side over a
 cluttered background, later objects occluding earlier ones. The plain set (plain=True, configs/demo.py) draws a few
-classes as flat discs of one RGB-cube colour each, 1-2 per image, on grey pixel noise: the one a from-scratch
-ResNet38 learns in minutes on a CPU (measured: the hard set, and even flat discs in equal-value hues, leave the
-classification loss at the label prior for hundreds of steps). In both, masks are exactly what is drawn, with 255
+classes as flat discs, each class in its own hue (plain_colour), 1-2 per image, on grey pixel noise: what the demo's
+narrow ResNet38 learns in minutes on a CPU from a backbone pretrained on hues (seam_jax.data.pretrain_data; from
+scratch some hues stay indistinguishable from the background). In both, masks are exactly what is drawn, with 255
 on a 2 px band along every instance boundary as in VOC. Objects left with too few visible pixels are not drawn at
 all, so the classes of the XML objects equal the classes of the mask and both label sources (`label_source` 'xml'
 or 'masks') agree. Every image depends only on (seed, index, style): the output is byte-identical with or without a
@@ -43,8 +43,7 @@ class Style(NamedTuple):
   classes: Tuple[int, ...] = ALL_CLASSES
   object_scale: Tuple[float, float] = (0.15, 0.5)
   clutter: float = 1.0
-  plain: bool = False   # flat discs, one PLAIN_COLOURS entry per class (in `classes` order), 1-2 per image, on
-                        # grey pixel noise: a set a from-scratch ResNet38 learns in minutes on a CPU (the demo's)
+  plain: bool = False   # flat discs in each class's plain_colour, 1-2 per image, on grey pixel noise (the demo's)
 
 
 PLAIN_OBJECTS_P = (0.5, 0.5)
@@ -52,8 +51,7 @@ PLAIN_OBJECTS_P = (0.5, 0.5)
 
 def plain_colour(cls):
   """The plain set's flat RGB colour of class `cls` (1..20): hue (cls - 1) / 20 of the colour wheel, saturation
-  0.85, value 0.9. Any class subset gets distinct colours; hues 18 degrees apart at equal value are what a
-  from-scratch backbone fails to tell apart and the pretrained one (configs/demo_pretrain.py) learns."""
+  0.85, value 0.9, so any class subset gets distinct colours of equal value."""
   return tuple(int(round(v)) for v in hsv_to_rgb((cls - 1) / voc.NUM_FG, .85, .9))
 
 

@@ -10,8 +10,8 @@ segmentation stages load its backbone through model.init_weights (seam_jax.layou
 ImageNet weights, and keep its BatchNorm statistics frozen.
 
 Every layer is trained (conv1a and b2* too: `frozen_layers` ()); the running statistics follow the batch statistics
-as an exponential moving average with `bn_momentum` (the ImageNet net's statistics are meaningful; PyTorch's
-0.0003 of the segmentation retrain would leave them at their init within a short run).
+of the whole global batch with `bn_momentum` (Flax convention; the downstream stages freeze them, so they must be
+the data's: PyTorch's 0.0003 of the segmentation retrain would leave them near their init in a short run).
 """
 import functools
 
@@ -21,36 +21,26 @@ import ml_collections
 import optax
 
 from seam_jax.data import input_pipeline, pretrain_data
-from seam_jax.models import deeplab
 from seam_jax.train import trainer
 
 TASK = 'pretrain'   # <workdir>/pretrain/{ckpt, export, metrics.jsonl}
 
 
-def ema_batch_stats(old, updated, momentum):
-  """Running statistics as an EMA of the batch statistics s: new = momentum * old + (1 - momentum) * s.
-
-  `updated` holds GroupBatchNorm's own update u = m old + (1 - m) s (m = deeplab.BN_MOMENTUM), so
-  new = old + (u - old) (1 - momentum) / (1 - m)."""
-  k = (1. - momentum) / (1. - deeplab.BN_MOMENTUM)
-  return jax.tree.map(lambda o, u: o + (u - o) * k, old, updated)
-
-
 def make_loss_fn(num_classes, bn_momentum, dropout=False):
   """loss_fn(model, variables, batch, rng, step) -> (loss, (metrics, new batch_stats)):
-    logits = mean_hw DeepLab(image) (stride-8 logits, BN on the batch's statistics), first num_classes channels
+    logits = mean_hw DeepLab(image) (stride-8 logits, BN on the batch's statistics), first num_classes channels,
     loss = mean_n -log softmax(logits_n)[label_n]
   metrics: accuracy of the argmax."""
   def loss_fn(model, variables, batch, rng, step):
     del step
-    net = model.clone(bn_mode='sync')
+    net = model.clone(bn_mode='sync', bn_momentum=bn_momentum)
     out, updates = net.apply(variables, batch['image'], train=True, upsample=False, dropout=dropout,
                              rngs={'dropout': rng}, mutable=['batch_stats'])
     logits = jnp.mean(out, axis=(1, 2))[:, :num_classes]
     labels = batch['label'].astype(jnp.int32)
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, ({'acc': acc}, ema_batch_stats(variables['batch_stats'], updates['batch_stats'], bn_momentum))
+    return loss, ({'acc': acc}, updates['batch_stats'])
   return loss_fn
 
 
