@@ -11,6 +11,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from seam_jax.models import conv_wgrad
+
 # (name, kind, in, mid, out, stride, first_dilation, dilation, dropout); channel counts of the full model.
 BLOCKS = (
     ('b2', 'basic', 64, 128, 128, 2, 1, 1, 0.), ('b2_1', 'basic', 128, 128, 128, 1, 1, 1, 0.),
@@ -31,10 +33,11 @@ FROZEN = ('conv1a', 'b2', 'b2_1', 'b2_2')
 
 
 def conv(features, k, name, stride=1, dilation=1, dtype=jnp.float32):
-  """Bias-free conv with the original's symmetric zero padding (= dilation for 3x3)."""
+  """Bias-free conv with the original's symmetric zero padding (= dilation for 3x3); on CPU its kernel gradient
+  runs as matmuls (seam_jax.models.conv_wgrad: measured ~2x faster there)."""
   pad = dilation if k == 3 else 0
   return nn.Conv(features, (k, k), strides=stride, padding=((pad, pad), (pad, pad)), kernel_dilation=dilation,
-                 use_bias=False, dtype=dtype, name=name)
+                 use_bias=False, dtype=dtype, name=name, conv_general_dilated=conv_wgrad.conv_general_dilated())
 
 
 def bn(name, dtype=jnp.float32):
