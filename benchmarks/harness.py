@@ -47,7 +47,8 @@ def make_config(size, dtype='float32'):
   from configs import demo, voc12  # pylint: disable=g-import-not-at-top
   c = (demo if size.config == 'demo' else voc12).get_config()
   c.model.width_div, c.model.dtype, c.model.calibrate_bn = size.width_div, dtype, False
-  c.data.crop_size, c.data.resize_long, c.aff.crop_size, c.seg.crop_size = size.crop, size.resize_long, size.crop, size.crop
+  c.data.crop_size = c.aff.crop_size = c.seg.crop_size = size.crop
+  c.data.resize_long = size.resize_long
   c.train.batch_size = c.aff.batch_size = size.batch
   c.seg.batch_size, c.seg.bn_group = size.batch, 1 if size.batch % 5 else 5
   c.infer.scales = size.scales

@@ -27,6 +27,7 @@ def make_config(root):
   c.demo.update(num_train=96, num_val=32, num_aug=32, image_size=(96, 128))
   c.data.update(crop_size=96, resize_long=(96, 144))
   c.model.width_div = 8
+  c.pretrain.enabled = False  # learning from scratch (calibrated BN): no pretraining export in this test
   c.train.update(max_steps=STEPS, log_every=50, ckpt_every=10 * STEPS, image_summaries=False, fast_compile=True)
   c.infer.update(list='val', scales=(1.0,), force=True)
   c.eval.update(list='val', workers=1)

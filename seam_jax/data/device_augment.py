@@ -6,8 +6,9 @@ draws (seam_jax.data.augment.photometric_record): `batch_images` turns such a ba
 Same numbers as the host versions in augment.py (Pillow), bit for bit on XLA:CPU (tests/test_device_augment.py):
 - brightness, contrast and saturation are Pillow's Image.blend(degenerate, image, f) = trunc(a + f (b - a))
   clipped to 0..255, in float32 with the product rounded before the sum (computed so that no compiler can
-  contract it into an FMA, which XLA:CPU otherwise does). Degenerate images: black; the image's mean grey level int(mean(L) + 0.5); the
-  pixel's grey level L = (19595 R + 38470 G + 7471 B + 2^15) >> 16 (Pillow's integer ITU-R 601-2 luma).
+  contract it into an FMA, which XLA:CPU otherwise does). Degenerate images: black; the image's mean grey level
+  int(mean(L) + 0.5); the pixel's grey level L = (19595 R + 38470 G + 7471 B + 2^15) >> 16 (Pillow's integer
+  ITU-R 601-2 luma).
 - the contrast mean is taken over the whole image after the ops before it (the canvas padding excluded), before
   the crop: the reason the whole image is sent, not the crop.
 - hue: PIL RGB -> HSV, add the shift to the uint8 hue (mod 256), HSV -> RGB. Pillow computes both conversions in a
