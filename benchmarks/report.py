@@ -52,7 +52,8 @@ def markdown(doc):
          f"{size['crop']}, batch {size['batch']}, images {size['image_hw'][0]}x{size['image_hw'][1]}, CAM scales "
          f"{tuple(size['scales'])} + flips. Measured matmul peak: "
          + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in peak.items())
-         + f". Command: `{doc['command']}` ({doc['seconds'] / 60:.0f} min).", '']
+         + '. Commands: ' + '; '.join(f'`{c}`' for c in doc.get('commands', [doc.get('command')]))
+         + f" ({doc['seconds'] / 60:.0f} min).", '']
   out += [_table(['benchmark', 'JAX f32 s/img', 'JAX bf16 s/img', 'PyTorch s/img', 'PyTorch / JAX f32',
                   'JAX compile s', 'GFLOP/img', 'JAX f32 % peak', 'JAX bf16 % peak', 'PyTorch % peak',
                   'peak MB JAX / PyTorch', 'JAX vs PyTorch rel. diff'], _speed_rows(res, peak)), '']
@@ -85,8 +86,8 @@ def markdown(doc):
   tp = res.get('throughput')
   if _ok(tp):
     out += [f"SEAM training with the real loader ({tp['workers']} workers, device augmentation): "
-            f"{tp['real_img_per_s']:.2f} img/s; with a synthetic batch already on the device: "
-            f"{tp['synthetic_img_per_s']:.2f} img/s ({100 * tp['real_over_synthetic']:.0f} %).", '']
+            f"{tp['real_img_per_s']:.3g} img/s; with a synthetic batch already on the device: "
+            f"{tp['synthetic_img_per_s']:.3g} img/s ({100 * tp['real_over_synthetic']:.0f} %).", '']
   errors = [f'- `{k}`: {v["error"]}' for k, v in res.items() if isinstance(v, dict) and 'error' in v]
   if errors:
     out += ['Failed measurements:', ''] + errors + ['']

@@ -4,7 +4,8 @@
 
 Every measurement runs in a fresh process (its own memory peak, nothing left over from the others) and reports the
 median after a warm-up. Writes <out>/<machine>-<size>.json (every number, the machine's description) and
-<out>/<machine>-<size>.md (the tables of benchmarks/README.md). The JAX backend is whatever JAX finds (CPU, GPU,
+<out>/<machine>-<size>.md (the tables of benchmarks/README.md); groups left out by --only keep the numbers of an
+earlier run in those files. The JAX backend is whatever JAX finds (CPU, GPU,
 TPU); PyTorch runs on CUDA when it has it, else on every CPU core. See benchmarks/README.md for what each row means.
 """
 import json
@@ -87,9 +88,14 @@ def main(argv):
   t0 = time.time()
   with tempfile.TemporaryDirectory() as tmp:
     results = run_groups(size, FLAGS.root or tmp, set(FLAGS.only), dtypes, FLAGS.torch_threads)
-  doc = {'size': size.__dict__, 'command': ' '.join(['python -m benchmarks.run'] + sys.argv[1:]),
-         'seconds': time.time() - t0, 'results': results}
   name = os.path.join(FLAGS.out, f'{harness.machine_name(results["machine"])}-{size.name}')
+  doc = {'size': size.__dict__, 'commands': [' '.join(['python -m benchmarks.run'] + sys.argv[1:])],
+         'seconds': time.time() - t0, 'results': results}
+  if os.path.isfile(name + '.json'):   # groups not run this time keep their numbers from the last run
+    with open(name + '.json') as f:
+      old = json.load(f)
+    doc.update(commands=list(dict.fromkeys(old.get('commands', [old.get('command')]) + doc['commands'])),
+               seconds=old.get('seconds', 0) + doc['seconds'], results={**old['results'], **results})
   md = report.markdown(doc)
   files.atomic_write_text(name + '.json', json.dumps(doc, indent=1, default=str))
   files.atomic_write_text(name + '.md', md)
