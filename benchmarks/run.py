@@ -2,8 +2,9 @@
 
   python -m benchmarks.run --size=tiny|demo|full [--only=train,cam,rw,crf,loader,throughput] [--out=DIR]
 
-Every measurement runs in a fresh process (its own memory peak, nothing left over from the others) and reports the
-median after a warm-up. Writes <out>/<machine>-<size>.json (every number, the machine's description) and
+Every measurement runs in a fresh process (its own memory peak, nothing left over from the others) after a warm-up:
+train steps as the median step time, CAM inference, CRF, loaders and real-loader training as the rate over the
+whole run. Writes <out>/<machine>-<size>.json (every number, the machine's description) and
 <out>/<machine>-<size>.md (the tables of benchmarks/README.md); groups left out by --only keep the numbers of an
 earlier run in those files. The JAX backend is whatever JAX finds (CPU, GPU,
 TPU); PyTorch runs on CUDA when it has it, else on every CPU core. See benchmarks/README.md for what each row means.

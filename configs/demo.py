@@ -18,10 +18,10 @@ def get_config(variant=''):
   c.demo.num_train = 160
   c.demo.num_val = 40
   c.demo.num_aug = 40               # extra "SBD" ids (SegmentationClassAug only)
-  c.demo.image_size = (128, 176)    # (min, max) of each image side
+  c.demo.image_size = (96, 128)     # (min, max) of each image side
   c.demo.seed = 0
-  # Style (seam_jax.data.demo_data.Style): flat colour discs of 4 classes on grey noise, which a from-scratch narrow
-  # ResNet38 learns in minutes. plain=False gives the hard set: all 20 classes as textured shapes over clutter.
+  # Style (seam_jax.data.demo_data.Style): flat colour discs of 4 classes (hues spread evenly over the wheel) on grey
+  # noise. plain=False gives the hard set: all 20 classes as textured shapes over clutter.
   c.demo.classes = (1, 6, 8, 15)    # aeroplane, bus, cat, person
   c.demo.object_scale = (0.3, 0.5)
   c.demo.clutter = 1.0              # hard set only
@@ -29,38 +29,48 @@ def get_config(variant=''):
 
   c.data.voc_root = ''              # '' = <workdir>/VOC2012, where the demo stage generates the set
   c.data.label_source = 'masks'
-  c.data.crop_size = 128
-  c.data.resize_long = (128, 192)
+  c.data.crop_size = 96
+  c.data.resize_long = (96, 144)
   c.data.jitter = (0.3, 0.3, 0.3, 0.0)   # no hue jitter: class identity is colour in the plain set
   c.data.num_workers = 0
 
   c.model.width_div = 8
+  c.model.fast_compile = True       # the demo's many small shapes: compile time dominates (CPU only)
   c.model.calibrate_bn = True       # used only without pretraining: frozen BN needs data statistics to train at all
   # No ImageNet weights here: the `pretrain` stage trains the backbone on a synthetic classification set first
   # (configs/demo_pretrain.py); every trained network starts from it (seam_jax.layout.init_weights).
   c.pretrain = demo_pretrain.get_config()
+  c.pretrain.update(image_size=32, max_steps=200, fast_compile=True)
 
   c.train.batch_size = 8
-  c.train.epochs = 32               # 800 steps
-  c.train.lr = 0.05
-  c.train.fix_momentum = True       # from scratch the QUIRK momentum (0.0005) learns far too slowly
+  c.train.max_steps = 240
+  c.train.lr = 0.01                 # the original's, from the pretrained backbone as from ImageNet
+  c.train.fix_momentum = True       # the QUIRK momentum (0.0005) learns far too slowly in 240 steps
   c.train.log_every = 10
   c.train.ckpt_every = 50
+  c.train.fast_compile = True
 
-  c.infer.list = 'train'
+  # CAMs (and CRF, random walk) of train and val: train feeds AffinityNet and the segmentation retrain, val is scored.
+  c.infer.list = 'trainval'
   c.infer.scales = (1.0, 1.5)
   c.infer.bucket = 32
+  # The demo's CAMs are broad (best background threshold ~0.6 against VOC's ~0.2): background powers that put the
+  # la / ha boundaries at CAM ~0.5 (fg must beat (1 - cam)^1) and ~0.28 ((1 - cam)^4), as VOC's 4 / 24 do for its
+  # CAMs: la keeps confident foreground, ha confident background.
+  c.infer.crf_alphas = (1.0, 4.0)
 
-  c.eval.list = 'train'
+  c.eval.list = 'val'
+  c.eval.thresholds = (0.0, 0.9, 0.01)   # the original's stop at 0.6; the demo's CAMs may be broader
 
   c.aff.train_list = 'train'
-  c.aff.crop_size = 128
+  c.aff.crop_size = 96
   c.aff.radius = 5
-  c.aff.epochs = 15                 # 300 steps
+  c.aff.max_steps = 150
   c.aff.lr = 0.02                   # 0.05 diverged here (all affinities -> 0 by step 150)
-  c.aff.fix_momentum = True         # from scratch, as c.train
+  c.aff.fix_momentum = True         # as c.train
+  c.aff.fast_compile = True
 
-  c.rw.list = 'train'
+  c.rw.list = 'trainval'
   # The demo CAMs are broad (best CAM background threshold ~0.6, VOC's is ~0.2), so the background power that
   # balances them is ~1, not VOC's 6; the images are only 16-22 cells wide, so fewer walk steps. Measured on this
   # demo (mIoU, present classes): alpha 6 / logt 6: 42.6; alpha 1 / logt 6: 54.7; alpha 1 / logt 3: 56.6.
@@ -72,10 +82,11 @@ def get_config(variant=''):
   # must follow them within 300 steps (PyTorch's 0.0003 would keep 91% of their start: bn_momentum 0.9 here).
   c.seg.train_list = 'train'
   c.seg.test_list = 'val'
-  c.seg.crop_size = 128
+  c.seg.crop_size = 96
   c.seg.bn_momentum = 0.9
   c.seg.lr = 0.01
-  c.seg.max_steps = 300
+  c.seg.max_steps = 200
+  c.seg.fast_compile = True
   c.seg.log_every = 10
   c.seg.ckpt_every = 50
   c.seg.scales = (0.75, 1.0, 1.25)

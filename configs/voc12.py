@@ -38,6 +38,7 @@ def get_config():
   c.model.dtype = 'float32'         # compute dtype: 'float32' or 'bfloat16' (params stay float32)
   c.model.init_weights = ''         # ImageNet ResNet38: MXNet .params, converted .npz/.pth, or '' (random)
   c.model.calibrate_bn = False      # without init_weights: set the frozen BN statistics from one data batch
+  c.model.fast_compile = False      # CPU only: inference (CAMs, random walk, seg test) compiled without LLVM opt.
 
   # SEAM training (section 3).
   c.train = ml_collections.ConfigDict()

@@ -171,7 +171,7 @@ def test_plain_style_subset_colours_and_counts(tmp_path):
     _, objs = _xml_objects(root, i)
     assert 1 <= len(objs) <= 2 and {voc.CLASSES.index(n) for n, _, _ in objs} == set(np.unique(m).tolist()) - {0, 255}
     for c in set(np.unique(m).tolist()) - {0, 255}:
-      want = demo_data.plain_colour(c)
+      want = demo_data.plain_colour(c, classes)
       assert np.abs(np.median(img[m == c], axis=0) - want).max() < 12   # flat colour (JPEG + pixel noise)
     assert np.std(img[m == 0]) > 12                                        # grey noise background
   assert demo_data.generate(str(tmp_path / 'again'), num_train=24, num_val=8, num_aug=4, image_size=(64, 80),
@@ -179,12 +179,13 @@ def test_plain_style_subset_colours_and_counts(tmp_path):
                                 s, root=str(tmp_path / 'again'))
 
 
-def test_plain_colours_are_the_hue_wheel():
-  """Class c's plain colour has hue (c - 1) / 20, so any subset of classes gets distinct colours (uint8 rounding
-  moves a hue by under 1 / (6 * chroma) of a turn, chroma = 0.85 * 0.9 * 255 = 195 levels)."""
-  for c in demo_data.ALL_CLASSES:
-    h, s, v = colorsys.rgb_to_hsv(*(np.array(demo_data.plain_colour(c)) / 255.))
-    d = abs(h - (c - 1) / 20)
+@pytest.mark.parametrize('classes', [demo_data.ALL_CLASSES, (1, 6, 8, 15), (3, 11, 12, 20), (7, 2)])
+def test_plain_colours_spread_over_the_hue_wheel(classes):
+  """The k-th of n drawn classes has hue k / n (uint8 rounding moves a hue by under 1 / (6 * chroma) of a turn,
+  chroma = 0.85 * 0.9 * 255 = 195 levels): with all 20 classes, class c has hue (c - 1) / 20."""
+  for k, c in enumerate(classes):
+    h, s, v = colorsys.rgb_to_hsv(*(np.array(demo_data.plain_colour(c, classes)) / 255.))
+    d = abs(h - k / len(classes))
     assert min(d, 1 - d) < 1 / (6 * 194) and abs(s - .85) < .01 and abs(v - .9) < .01
 
 

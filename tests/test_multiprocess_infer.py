@@ -1,6 +1,7 @@
 """The inference-type stages over 2 processes (jax.distributed on 127.0.0.1, 4 CPU devices each) against 1 process:
-CAM inference, CRF, random walk and evaluation write the same files with the same values and the same
-results.json numbers; a restart with some outputs deleted redoes exactly those (one process then has no work)."""
+CAM inference, CRF, random walk, segmentation test, predict and evaluation write the same files with the same values
+and the same results.json numbers; a restart with some outputs deleted redoes exactly those (one process then has
+no work)."""
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ if args['num_processes'] > 1:
   distributed.initialize(args['coordinator'], args['num_processes'], args['process_id'])
 from configs import demo
 from seam_jax import layout
-from seam_jax.infer import cam_inference, crf, evaluation, random_walk
+from seam_jax.infer import cam_inference, crf, evaluation, predict, random_walk, seg_inference
 config = demo.get_config()
 for key, value in args['overrides'].items():
   *path, leaf = key.split('.')
@@ -44,12 +45,15 @@ cam_stats = cam_inference.run_inference(config)
 cam_seconds = time.time() - t0
 crf.run_crf(config)
 random_walk.run(config)
+seg_stats = seg_inference.run_test(config)
+written = predict.run_predict(config, [os.path.join(layout.voc_root(config), 'JPEGImages')])['written']
 for name, pred_dir, pred_type in (('cam', layout.cam_dir(config), 'npy'), ('crf', layout.crf_dir(config, 4.0), 'crf'),
-                                  ('rw', layout.rw_dir(config), 'png')):
+                                  ('rw', layout.rw_dir(config), 'png'), ('seg', layout.seg_pred_dir(config), 'png')):
   c = config.copy_and_resolve_references()
   c.eval.pred_dir, c.eval.pred_type, c.eval.out_dir = pred_dir, pred_type, layout.eval_dir(config, name)
   evaluation.evaluate(c)
-print('RESULT ' + json.dumps({'cam_seconds': cam_seconds, 'cam_images': cam_stats['images']}), flush=True)
+print('RESULT ' + json.dumps({'cam_seconds': cam_seconds, 'cam_images': cam_stats['images'],
+                              'seg_images': seg_stats['images'], 'predicted': len(written)}), flush=True)
 '''
 
 
@@ -68,7 +72,8 @@ def random_variables(model, seed):
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-  """A tiny demo set with its lists, and random SEAM / AffinityNet exports: the config overrides every run shares."""
+  """A tiny demo set with its lists, and random SEAM / AffinityNet / DeepLab exports: the config overrides every
+  run shares."""
   tmp = tmp_path_factory.mktemp('mp')
   config = demo.get_config()
   config.workdir = str(tmp)
@@ -76,14 +81,15 @@ def data(tmp_path_factory):
   demo_data.generate(layout.voc_root(config), num_train=8, num_val=1, num_aug=0, image_size=(44, 60), seed=0,
                      workers=1, classes=config.demo.classes, plain=True)
   prepare.prepare(config, workers=1)
-  for kind, seed in (('seam', 0), ('affinity', 1)):
+  for kind, seed in (('seam', 0), ('affinity', 1), ('deeplab', 2)):
     export.save_export(str(tmp / f'{kind}_export'), random_variables(models.build(kind, config.model), seed), kind,
                        config.model)
   return tmp, {'data.voc_root': layout.voc_root(config), 'data.list_dir': layout.list_dir(config),
                'model.width_div': 32, 'infer.checkpoint': str(tmp / 'seam_export'),
                'rw.checkpoint': str(tmp / 'affinity_export'), 'infer.scales': [1.0], 'infer.batch_size': 4,
                'infer.threads': 1, 'infer.crf_workers': 1, 'eval.workers': 1, 'rw.workers': 1, 'rw.batch_size': 4,
-               'rw.save_scores': True}
+               'rw.save_scores': True, 'seg.checkpoint': str(tmp / 'deeplab_export'), 'seg.test_list': 'train',
+               'seg.scales': [1.0], 'seg.test_batch_size': 4, 'seg.threads': 1}
 
 
 def run_processes(overrides, num_processes):
@@ -121,7 +127,7 @@ def assert_same_outputs(one, two, names):
       assert list(da) == list(db), rel
       for k in da:
         np.testing.assert_allclose(db[k], da[k], rtol=0, atol=TOL, err_msg=f'{rel} key {k}')
-    elif rel.startswith('rw/') and rel.endswith('.png'):
+    elif rel.endswith('.png'):   # random walk, seg test and predict labels (and overlays)
       np.testing.assert_array_equal(np.asarray(Image.open(b)), np.asarray(Image.open(a)), err_msg=rel)
     elif rel.endswith('results.json'):
       ra, rb = (json.load(open(p)) for p in (a, b))
@@ -142,10 +148,14 @@ def test_two_processes_equal_one(data):
   names = outputs(one)
   assert outputs(two) == names
   ids = voc.read_list(os.path.join(overrides['data.list_dir'], 'train.txt'))
-  expected = {f'{d}/{i}.npy' for d in ('cam', 'crf_4.0', 'crf_24.0', 'rw') for i in ids} | {f'rw/{i}.png' for i in ids}
+  images = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(overrides['data.voc_root'], 'JPEGImages')))
+  expected = ({f'{d}/{i}.npy' for d in ('cam', 'crf_4.0', 'crf_24.0', 'rw') for i in ids} |
+              {f'{d}/{i}.png' for d in ('rw', 'seg_pred') for i in ids} |
+              {f'predict/{i}{s}.png' for i in images for s in ('', '_overlay')})
   assert expected <= set(names) and all(n in expected or n.startswith('eval/') for n in names)
-  assert {'eval/cam/results.json', 'eval/crf/results.json', 'eval/rw/results.json'} <= set(names)
-  assert [r['cam_images'] for r in pair] == [4, 4] and single['cam_images'] == 8   # disjoint shares
+  assert {f'eval/{k}/results.json' for k in ('cam', 'crf', 'rw', 'seg')} <= set(names)
+  for key, n in (('cam_images', len(ids)), ('seg_images', len(ids)), ('predicted', len(images))):  # disjoint shares
+    assert single[key] == n and sorted(r[key] for r in pair) == [n // 2, n - n // 2], key
   assert_same_outputs(one, two, names)
   print(f'\nCAM inference (incl. compilation), 8 images, 4 CPU devices per process: 1 process '
         f'{single["cam_seconds"]:.1f} s; 2 processes {max(r["cam_seconds"] for r in pair):.1f} s '
@@ -153,15 +163,16 @@ def test_two_processes_equal_one(data):
 
   # Restart with outputs of process 0's share deleted: only those are redone; process 1 has no work.
   share0 = ids[0::2][:2]
-  removed = [f'cam/{share0[0]}.npy', f'crf_24.0/{share0[1]}.npy', f'rw/{share0[1]}.png']
+  removed = [f'cam/{share0[0]}.npy', f'crf_24.0/{share0[1]}.npy', f'rw/{share0[1]}.png', f'seg_pred/{share0[0]}.png']
   before = {n: os.path.getmtime(os.path.join(two, n)) for n in names if n not in removed}
   for n in removed:
     os.remove(os.path.join(two, n))
   again = run_processes(dict(overrides, workdir=two), 2)
-  assert [r['cam_images'] for r in again] == [1, 0]
+  assert [r['cam_images'] for r in again] == [1, 0] and [r['seg_images'] for r in again] == [1, 0]
   assert outputs(two) == names
   changed = {n for n, m in before.items() if os.path.getmtime(os.path.join(two, n)) != m}
-  assert changed <= {n for n in names if n.startswith('eval/')} | {f'rw/{share0[1]}.npy'}
+  # predict.py is a tool, not a stage: it rewrites its outputs on every call
+  assert changed <= {n for n in names if n.startswith(('eval/', 'predict/'))} | {f'rw/{share0[1]}.npy'}
   assert_same_outputs(one, two, names)
 
 

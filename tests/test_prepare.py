@@ -64,11 +64,11 @@ def test_lists_and_mask_labels(demo_root, tmp_path):
   summary = prepare.prepare(full(d))
   lists, labels = written(d)
   train, val = seg_list(demo_root, 'train'), seg_list(demo_root, 'val')
-  assert lists['train'] == train and lists['val'] == val
+  assert lists['train'] == train and lists['val'] == val and lists['trainval'] == train + val
   assert lists['train_aug'] == sorted(set(aug_ids(demo_root)) - set(val))   # aug masks cover train + val + aug
   assert len(lists['train_aug']) == 12 + 6 and not set(lists['train_aug']) & set(val)
   assert set(train) <= set(lists['train_aug'])
-  assert summary['lists'] == {'train_aug': 18, 'train': 12, 'val': 6} and summary['skipped'] == []
+  assert summary['lists'] == {'train_aug': 18, 'train': 12, 'val': 6, 'trainval': 18} and summary['skipped'] == []
   assert set(labels) == set(lists['train_aug']) | set(val)
   for i in lists['train_aug'][:5] + val[:2]:   # classes present in the mask, 0 and 255 excluded
     m = np.asarray(Image.open(os.path.join(demo_root, 'SegmentationClassAug', i + '.png')))

@@ -36,8 +36,19 @@ def test_set_is_a_function_of_seed_and_index_and_labels_are_hue_bins():
   assert any(int(a[k]['label']) != int(b[k]['label']) for k in range(40))
 
 
+def test_object_scale_fills_the_image():
+  """object_scale (1.5, 2) (the demo's): the object covers most of the image, for most shapes (a disk of diameter
+  >= 1.5 sides centred in the middle half covers the whole square; the thin shapes, ring, cross or frame, less),
+  and always some of it."""
+  src = pretrain_data.PretrainSource(40, 32, 12, 0, (1.5, 2.0))
+  cover = [pretrain_data.render(0, k, 32, src.object_scale)[1].mean() for k in range(40)]
+  assert np.median(cover) > .55 and min(cover) > .05 and max(cover) > .95
+  assert np.median([pretrain_data.render(0, k, 32)[1].mean() for k in range(40)]) < .4   # the default: small
+
+
 @pytest.mark.parametrize('kw, match', [(dict(num_classes=22), 'num_classes'), (dict(num_classes=1), 'num_classes'),
-                                       (dict(size=16), 'image_size')])
+                                       (dict(size=16), 'image_size'), (dict(object_scale=(0.5, 0.2)), 'object_scale'),
+                                       (dict(object_scale=(0., 1.)), 'object_scale')])
 def test_bad_set_parameters(kw, match):
   args = dict(num_images=8, size=48, num_classes=12, seed=0)
   with pytest.raises(errors.DataError, match=match):

@@ -1,4 +1,5 @@
-"""Optional tfds packaging (requirements-tfds.txt): the built ArrayRecord data yields VOCClsSource's records."""
+"""tfds packaging (requirements-tfds.txt, part of requirements-dev.txt): the built ArrayRecord data yields the
+records of VOCClsSource."""
 import os
 import subprocess
 import sys
@@ -6,10 +7,6 @@ import sys
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip(
-    'tensorflow_datasets', reason='tensorflow-datasets not installed: pip install -r requirements-tfds.txt')
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import demo as demo_config
 from seam_jax.data import demo_data
 from seam_jax.data import input_pipeline as ip

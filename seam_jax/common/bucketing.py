@@ -58,9 +58,10 @@ def shape_key(arrays):
 class DeviceLoop:
   """fn(variables, batch dict) -> outputs (a tree of arrays with the batch as leading axis), jitted over a 1-D mesh
   of this process's devices; one compilation per row signature (`shape_key`), counted in `compilations`.
-  `batch_size` is rounded up to a multiple of the device count."""
+  `batch_size` is rounded up to a multiple of the device count. `fast_compile`: compile without LLVM optimisation
+  on CPU (sharding.compiler_options: the many shapes of a small run compile several times faster)."""
 
-  def __init__(self, fn, variables, batch_size, mesh=None):
+  def __init__(self, fn, variables, batch_size, mesh=None, fast_compile=False):
     self.mesh = mesh or sharding.make_mesh(local=True)
     n = self.mesh.size
     self.batch_size = -(-max(int(batch_size), 1) // n) * n
@@ -68,6 +69,7 @@ class DeviceLoop:
     self.variables = jax.device_put(variables, repl)
     self._fn = jax.jit(fn, in_shardings=(repl, self._data), out_shardings=self._data)
     self._compiled = {}
+    self._options = sharding.compiler_options(fast_compile)
 
   @property
   def compilations(self):
@@ -79,7 +81,7 @@ class DeviceLoop:
     if key not in self._compiled:
       specs = {k: jax.ShapeDtypeStruct((self.batch_size,) + shape, np.dtype(dt), sharding=self._data)
                for k, shape, dt in key}
-      self._compiled[key] = self._fn.lower(self.variables, specs).compile()
+      self._compiled[key] = self._fn.lower(self.variables, specs).compile(self._options)
     return self._compiled[key]
 
   def __call__(self, batch):

@@ -3,13 +3,13 @@
 Two styles (Style): the hard set (default) draws each of the 20 classes as a distinct rotated shape filled with a
 distinct texture in a class hue (jittered); an image holds 1-4 objects of 15-50% of its shorter side over a
 cluttered background, later objects occluding earlier ones. The plain set (plain=True, configs/demo.py) draws a few
-classes as flat discs, each class in its own hue (plain_colour), 1-2 per image, on grey pixel noise: what the demo's
-narrow ResNet38 learns in minutes on a CPU from a backbone pretrained on hues (seam_jax.data.pretrain_data; from
-scratch some hues stay indistinguishable from the background). In both, masks are exactly what is drawn, with 255
-on a 2 px band along every instance boundary as in VOC. Objects left with too few visible pixels are not drawn at
-all, so the classes of the XML objects equal the classes of the mask and both label sources (`label_source` 'xml'
-or 'masks') agree. Every image depends only on (seed, index, style): the output is byte-identical with or without a
-process pool.
+classes as flat discs, each class in its own hue (plain_colour: spread evenly over the wheel), 1-2 per image, on
+grey pixel noise: what the demo's narrow ResNet38 learns in minutes on a CPU from a backbone pretrained on hues
+(seam_jax.data.pretrain_data; from scratch some hues stay indistinguishable from the background). In both, masks
+are exactly what is drawn, with 255 on a 2 px band along every instance boundary as in VOC. Objects left with too
+few visible pixels are not drawn at all, so the classes of the XML objects equal the classes of the mask and both
+label sources (`label_source` 'xml' or 'masks') agree. Every image depends only on (seed, index, style): the output
+is byte-identical with or without a process pool.
 
   python -m seam_jax.data.demo_data --root work_dirs/demo/VOC2012 --seed 0
 """
@@ -49,10 +49,12 @@ class Style(NamedTuple):
 PLAIN_OBJECTS_P = (0.5, 0.5)
 
 
-def plain_colour(cls):
-  """The plain set's flat RGB colour of class `cls` (1..20): hue (cls - 1) / 20 of the colour wheel, saturation
-  0.85, value 0.9, so any class subset gets distinct colours of equal value."""
-  return tuple(int(round(v)) for v in hsv_to_rgb((cls - 1) / voc.NUM_FG, .85, .9))
+def plain_colour(cls, classes=ALL_CLASSES):
+  """The plain set's flat RGB colour of class `cls` among the drawn `classes`: the k-th of them gets hue k / n of the
+  colour wheel (n = len(classes)), saturation 0.85, value 0.9. The hues of any subset are spread evenly, as far
+  apart as n colours of equal value can be, so every subset of n classes is equally hard (with all 20 classes,
+  class c has hue (c - 1) / 20)."""
+  return tuple(int(round(v)) for v in hsv_to_rgb(classes.index(cls) / len(classes), .85, .9))
 
 
 # Shapes: boolean functions of unit object coordinates (u, v), radius ~1.
@@ -165,7 +167,7 @@ def _sample_object(rng, cls, h, w, style):
   cx, cy = rng.uniform(.15, .85) * w, rng.uniform(.15, .85) * h
   if style.plain:
     x, y = object_frame(h, w, cx, cy, 0.)
-    return np.hypot(x, y) <= s, np.broadcast_to(np.array(plain_colour(cls), np.float32), (h, w, 3))
+    return np.hypot(x, y) <= s, np.broadcast_to(np.array(plain_colour(cls, style.classes), np.float32), (h, w, 3))
   aspect = rng.uniform(.85, 1.15)
   x, y = object_frame(h, w, cx, cy, rng.uniform(0, 2 * np.pi))
   mask = SHAPES[cls - 1](x / s, y / (s * aspect))

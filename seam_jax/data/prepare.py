@@ -18,7 +18,7 @@ from seam_jax import layout
 from seam_jax.common import errors, files, pools
 from seam_jax.data import voc
 
-LIST_NAMES = ('train_aug', 'train', 'val')
+LIST_NAMES = ('train_aug', 'train', 'val', 'trainval')
 LABEL_SOURCES = ('xml', 'masks')
 _CLASS_INDEX = {name: k for k, name in enumerate(voc.CLASSES[1:])}
 
@@ -54,7 +54,8 @@ def mask_label(mask):
 
 
 def build_lists(voc_root, sbd_root=''):
-  """{'train_aug', 'train', 'val'} id lists (section 8); train/val keep the order of ImageSets/Segmentation."""
+  """{'train_aug', 'train', 'val', 'trainval'} id lists (section 8); train/val keep the order of
+  ImageSets/Segmentation, trainval is train then val (to infer CAMs once for training and for scoring on val)."""
   seg = os.path.join(voc_root, 'ImageSets', 'Segmentation')
   train, val = voc.read_list(os.path.join(seg, 'train.txt')), voc.read_list(os.path.join(seg, 'val.txt'))
   if sbd_root:
@@ -65,7 +66,8 @@ def build_lists(voc_root, sbd_root=''):
       raise errors.DataError(f'no SBD ids: {aug_dir} does not exist and config.data.sbd_root is not set')
     sbd = [os.path.splitext(f)[0] for f in os.listdir(aug_dir) if f.endswith('.png')]
   train_aug = sorted((set(sbd) | set(train)) - set(val))
-  return {'train_aug': train_aug, 'train': train, 'val': val}
+  return {'train_aug': train_aug, 'train': train, 'val': val,
+          'trainval': train + [i for i in val if i not in set(train)]}
 
 
 @dataclasses.dataclass

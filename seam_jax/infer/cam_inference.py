@@ -41,7 +41,8 @@ class CamEngine(bucketing.DeviceLoop):
   def __init__(self, variables, model_config, batch_size, mesh=None, branch='cam_rv'):
     model = seam.PaddedSEAM(model_config.width_div, jnp.dtype(model_config.dtype), branch=branch)
     super().__init__(lambda v, b: model.apply(v, b['x'], b['valid'], b['xs']),
-                     {k: variables[k] for k in ('params', 'batch_stats')}, batch_size, mesh)
+                     {k: variables[k] for k in ('params', 'batch_stats')}, batch_size, mesh,
+                     model_config.get('fast_compile', False))
 
 
 def resize_np(img, hw, align_corners):

@@ -4,14 +4,16 @@ Per readable image: the test of seam_jax.infer.seg_inference (config.seg scales,
 <out>/<name>.png (VOC palette label map) and <out>/<name>_overlay.png (the image and the labels blended over it,
 side by side). A file that cannot be read is reported (one line naming it) and skipped; the others complete.
 Inputs: image files, folders (their image files, sorted) and .txt lists (one path per line, relative to the list's
-folder). Output names are the file stems, made unique with a counter when two inputs share one.
+folder). Output names are the file stems, made unique with a counter when two inputs share one. With several
+processes (jax.distributed) each segments its share of the inputs (distributed.process_share), writing into the
+same folder, and all meet at a barrier.
 """
 import os
 
 import numpy as np
 
 from seam_jax import layout
-from seam_jax.common import errors, files, visual
+from seam_jax.common import distributed, errors, files, visual
 from seam_jax.data import seg_data
 from seam_jax.infer import seg_inference
 
@@ -54,9 +56,10 @@ def side_by_side(img, label):
 
 def run_predict(config, inputs, out_dir=None, weights=None):
   """Segment every image of `inputs` into `out_dir` (default layout.predict_dir) with the weights at `weights`
-  (default layout.seg_weights). Returns {'written': [names], 'failed': [(path, message)]}."""
+  (default layout.seg_weights). Returns this process's {'written': [names], 'failed': [(path, message)]}."""
   out_dir = out_dir or layout.predict_dir(config)
   paths = collect_inputs(inputs)
+  items = distributed.process_share(list(zip(paths, output_names(paths))))  # names from the whole list: unique
   engine = seg_inference.load_engine(config, weights)
   result = {'written': [], 'failed': []}
 
@@ -76,6 +79,7 @@ def run_predict(config, inputs, out_dir=None, weights=None):
     result['written'].append(name)
 
   s = config.seg
-  seg_inference.segment(engine, seg_inference.SegTestOptions.from_config(s), list(zip(paths, output_names(paths))),
-                        load, save, s.threads, s.max_pending, desc='predict')
+  seg_inference.segment(engine, seg_inference.SegTestOptions.from_config(s), items, load, save, s.threads,
+                        s.max_pending, desc='predict')
+  distributed.barrier('predict')
   return result

@@ -52,7 +52,7 @@ def _as_is(record, rng):
 def pretrain_loader(hparams, seed):
   """(loader of {'image', 'label'} batches of the pretraining set drawn from `seed`, number of images)."""
   source = pretrain_data.PretrainSource(int(hparams.num_images), int(hparams.image_size), int(hparams.num_classes),
-                                        int(seed))
+                                        int(seed), tuple(float(v) for v in hparams.object_scale))
   loader = input_pipeline.make_loader(source, _as_is, global_batch_size=hparams.batch_size, seed=seed)
   return loader, len(source)
 

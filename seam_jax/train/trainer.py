@@ -27,7 +27,7 @@ from seam_jax import layout
 from seam_jax import models
 from seam_jax.common import distributed, files
 from seam_jax.common.errors import DataError
-from seam_jax.common.sharding import local_copy, make_mesh, replicate, shard_batch
+from seam_jax.common.sharding import compiler_options, local_copy, make_mesh, replicate, shard_batch
 from seam_jax.models import export
 from seam_jax.train import checkpoints, optim
 
@@ -68,12 +68,6 @@ def num_steps(hparams, num_records):
   if steps <= 0:
     raise DataError(f'{num_records} training records give no step at batch size {hparams.batch_size}')
   return steps
-
-
-def compiler_options(fast):
-  """XLA options for `jax.jit`: with `fast` on CPU, LLVM optimisation off. Small CPU runs compile several times
-  faster (a narrow SEAM step: ~3x, random init: ~8x) and run about as fast (convolutions are library calls)."""
-  return {'xla_backend_optimization_level': 0} if fast and jax.default_backend() == 'cpu' else None
 
 
 @functools.lru_cache(maxsize=None)
