@@ -26,6 +26,7 @@ def get_config(variant=''):
   c.demo.object_scale = (0.3, 0.5)
   c.demo.clutter = 1.0              # hard set only
   c.demo.plain = True
+  c.demo.empty_p = 0.15             # train / aug ids with no object (demo_data.Style.empty_p)
 
   c.data.voc_root = ''              # '' = <workdir>/VOC2012, where the demo stage generates the set
   c.data.label_source = 'masks'

@@ -18,6 +18,9 @@ def get_config():
   # features. Small objects on grey teach "the hue somewhere in the image" at every pixel, and the demo's CAMs then
   # light up the background of images of some classes (measured: CAM 0.56 of its maximum on the background).
   p.object_scale = (1.5, 2.0)
+  # One more class: grey noise alone (label num_classes), so that the backbone tells the demo's background from
+  # every hue (without it grey is in every training image and one demo class's CAM took the background).
+  p.grey_class = True
   # Training (the generic trainer's fields, as config.train).
   p.batch_size = 32
   p.epochs = 0

@@ -189,6 +189,28 @@ def test_plain_colours_spread_over_the_hue_wheel(classes):
     assert min(d, 1 - d) < 1 / (6 * 194) and abs(s - .85) < .01 and abs(v - .9) < .01
 
 
+def test_empty_images_in_train_and_aug_only(tmp_path):
+  """empty_p: round(empty_p * n) train and aug ids hold nothing (mask all background, XML without objects, empty
+  labels after prepare); val ids always hold an object; every other id is the image it is without empty_p."""
+  kw = dict(num_train=20, num_val=6, num_aug=10, image_size=(40, 56), seed=2, classes=(1, 6, 8, 15),
+            object_scale=(0.3, 0.5), plain=True)
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  demo_data.generate(a, **kw)
+  demo_data.generate(b, **kw, empty_p=0.3)
+  plan = demo_data.plan(2, 20, 6, 10, (1, 6, 8, 15), 0.3)
+  empty = {i for _, i, _, p in plan if p == 0}
+  assert sorted(s for _, i, s, _ in plan if i in empty) == ['aug'] * 3 + ['train'] * 6
+  fa, fb = _files(a), _files(b)
+  for i in _all_ids(b):
+    m = voc.load_mask(os.path.join(b, 'SegmentationClassAug', i + '.png'))
+    if i in empty:
+      assert not m.any() and _xml_objects(b, i)[1] == []
+    else:
+      assert m.any() and all(fa[k] == fb[k] for k in fb if f'/{i}.' in k)
+  with pytest.raises(errors.DataError, match='empty_p'):
+    demo_data.generate(str(tmp_path / 'c'), **kw, empty_p=1.0)
+
+
 def test_style_defaults_reproduce_the_hard_set(tmp_path):
   """Explicit default style arguments == no style arguments, byte for byte."""
   a, b = str(tmp_path / 'a'), str(tmp_path / 'b')

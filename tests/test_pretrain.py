@@ -46,6 +46,23 @@ def test_object_scale_fills_the_image():
   assert np.median([pretrain_data.render(0, k, 32)[1].mean() for k in range(40)]) < .4   # the default: small
 
 
+def test_grey_class():
+  """grey_class: about 1 / (num_classes + 1) of the images are grey noise alone (every channel alike up to the pixel
+  noise), labelled num_classes; the others are the images of the set without it."""
+  plain, grey = (pretrain_data.PretrainSource(120, 32, 5, 0, (1.5, 2.0), g) for g in (False, True))
+  assert (plain.num_labels, grey.num_labels) == (5, 6)
+  labels = [int(grey[k]['label']) for k in range(120)]
+  assert 8 <= labels.count(5) <= 35 and set(labels) == set(range(6))     # binomial(120, 1/6): mean 20, sd 4.1
+  for k in range(120):
+    if labels[k] == 5:
+      img = pretrain_data.render_grey(0, k, 32).astype(float)
+      assert np.abs(img.mean(axis=(0, 1)) - img.mean()).max() < 10        # no hue: channel means alike
+    else:
+      np.testing.assert_array_equal(grey[k]['image'], plain[k]['image'])
+  with pytest.raises(errors.DataError, match='num_classes'):
+    pretrain_data.PretrainSource(8, 32, 21, 0, grey_class=True)
+
+
 @pytest.mark.parametrize('kw, match', [(dict(num_classes=22), 'num_classes'), (dict(num_classes=1), 'num_classes'),
                                        (dict(size=16), 'image_size'), (dict(object_scale=(0.5, 0.2)), 'object_scale'),
                                        (dict(object_scale=(0., 1.)), 'object_scale')])

@@ -44,6 +44,10 @@ class Style(NamedTuple):
   object_scale: Tuple[float, float] = (0.15, 0.5)
   clutter: float = 1.0
   plain: bool = False   # flat discs in each class's plain_colour, 1-2 per image, on grey pixel noise (the demo's)
+  # Fraction of the train and aug ids that hold no object (background only, empty label; val ids always hold one).
+  # With few classes and an object in every image, "none of the other classes" implies the last one, and a CAM can
+  # learn that from the background; images with nothing in them forbid it.
+  empty_p: float = 0.0
 
 
 PLAIN_OBJECTS_P = (0.5, 0.5)
@@ -230,11 +234,14 @@ def render(seed, index, primary, image_size, style=Style()):
   """Image `index` of the set: (RGB uint8 HxWx3, mask uint8 HxW, objects [(class, bbox, truncated, difficult)]).
 
   `primary` (1..20) is drawn last, so always visible; 0-3 more objects of random `style.classes` go below it.
+  `primary` 0: the background alone, no object.
   bbox = 1-based inclusive (xmin, ymin, xmax, ymax) of the visible pixels, as in VOC.
   """
   rng = np.random.default_rng([seed, index])
   h, w = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, 2))
   img = rng.normal(128, 20, (h, w, 3)) if style.plain else _background(rng, h, w, style.clutter)
+  if primary == 0:
+    return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8), np.zeros((h, w), np.uint8), []
   n_p = PLAIN_OBJECTS_P if style.plain else NUM_OBJECTS_P
   while True:
     n = rng.choice(len(n_p), p=n_p) + 1
@@ -297,8 +304,9 @@ def _make_one(root, seed, image_size, style, item):
           'objects': len(objects), 'difficult': sum(o[3] for o in objects)}
 
 
-def plan(seed, num_train, num_val, num_aug, classes=ALL_CLASSES):
-  """[(index, id, split, primary class)] in index order; primary classes cycle through shuffled `classes` per split."""
+def plan(seed, num_train, num_val, num_aug, classes=ALL_CLASSES, empty_p=0.0):
+  """[(index, id, split, primary class)] in index order; primary classes cycle through shuffled `classes` per split;
+  round(empty_p * n) of the n train (and of the aug) ids, drawn at random, get primary 0 (no object)."""
   n = num_train + num_val + num_aug
   ids = [f'{2007 + k % 6}_{k:06d}' for k in range(n)]
   rng = np.random.default_rng(seed)
@@ -309,6 +317,11 @@ def plan(seed, num_train, num_val, num_aug, classes=ALL_CLASSES):
     members = sorted(np.flatnonzero(split_of == s), key=ids.__getitem__)
     cycle = [c for _ in range(-(-len(members) // len(classes))) for c in rng.permutation(classes)]
     primary[members] = cycle[:len(members)]
+  if empty_p:
+    empty_rng = np.random.default_rng([seed, len(SPLITS)])   # a stream of its own: empty_p 0 keeps the plan above
+    for s in (0, 2):
+      members = np.flatnonzero(split_of == s)
+      primary[empty_rng.choice(members, int(round(empty_p * len(members))), replace=False)] = 0
   return [(k, ids[k], SPLITS[split_of[k]], int(primary[k])) for k in range(n)]
 
 
@@ -325,6 +338,8 @@ def _check_args(num_train, num_val, num_aug, image_size, style):
     raise errors.DataError(f'demo data: object_scale must be (min, max) with 0 < min <= max <= 1, got {style.object_scale!r}')
   if not 0 <= style.clutter <= 1:
     raise errors.DataError(f'demo data: clutter must be in [0, 1], got {style.clutter!r}')
+  if not 0 <= style.empty_p < 1:
+    raise errors.DataError(f'demo data: empty_p must be in [0, 1), got {style.empty_p!r}')
 
 
 def _check_root(root, ids):
@@ -336,15 +351,16 @@ def _check_root(root, ids):
 
 
 def generate(root, num_train=160, num_val=40, num_aug=40, image_size=(96, 128), seed=0, workers=0,
-             classes=ALL_CLASSES, object_scale=(0.15, 0.5), clutter=1.0, plain=False):
+             classes=ALL_CLASSES, object_scale=(0.15, 0.5), clutter=1.0, plain=False, empty_p=0.0):
   """Write the demo set under `root` (VOC2012 layout) and return a summary (counts, per-split class histograms).
 
   Class histogram = number of images containing each class (from the masks, equal to the XML names).
   """
   image_size = tuple(int(v) for v in image_size)
-  style = Style(tuple(int(c) for c in classes), tuple(float(v) for v in object_scale), float(clutter), bool(plain))
+  style = Style(tuple(int(c) for c in classes), tuple(float(v) for v in object_scale), float(clutter), bool(plain),
+                float(empty_p))
   _check_args(num_train, num_val, num_aug, image_size, style)
-  items = plan(seed, num_train, num_val, num_aug, style.classes)
+  items = plan(seed, num_train, num_val, num_aug, style.classes, style.empty_p)
   _check_root(root, [it[1] for it in items])
   make = functools.partial(_make_one, root, seed, image_size, style)
   records = list(pools.pool_imap(make, items, max(int(workers), 1), chunksize=8, desc='demo data'))
@@ -370,7 +386,7 @@ def main(argv):
   t0 = time.time()
   try:
     s = generate(f.root, f.num_train, f.num_val, f.num_aug, [int(v) for v in f.image_size], f.seed, f.workers,
-                 [int(v) for v in f.classes], [float(v) for v in f.object_scale], f.clutter, f.plain)
+                 [int(v) for v in f.classes], [float(v) for v in f.object_scale], f.clutter, f.plain, f.empty_p)
   except errors.DataError as e:
     sys.exit(str(e))
   print(f"wrote {s['num_images']} images ({s['num_train']} train, {s['num_val']} val, {s['num_aug']} aug-only), "
@@ -389,6 +405,7 @@ if __name__ == '__main__':
   flags.DEFINE_list('object_scale', ['0.15', '0.5'], 'min,max object diameter / shorter image side')
   flags.DEFINE_float('clutter', 1.0, 'background clutter strength in [0, 1] (hard set)')
   flags.DEFINE_bool('plain', False, 'the plain set: flat colour discs on grey noise (configs/demo.py)')
+  flags.DEFINE_float('empty_p', 0.0, 'fraction of the train and aug ids without any object')
   flags.DEFINE_integer('workers', 0, 'process pool size (0: in-process); the output is the same')
   flags.mark_flag_as_required('root')
   app.run(main)

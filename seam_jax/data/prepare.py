@@ -200,6 +200,6 @@ def make_demo(config, force=False, workers=0):
   g = config.demo
   summary = demo_data.generate(root, num_train=g.num_train, num_val=g.num_val, num_aug=g.num_aug,
                                image_size=tuple(g.image_size), seed=g.seed, workers=workers,
-                               **{k: g[k] for k in ('classes', 'object_scale', 'clutter', 'plain') if k in g})
+                               **{k: g[k] for k in ('classes', 'object_scale', 'clutter', 'plain', 'empty_p') if k in g})
   logging.info('demo set: %d images under %s', summary['num_images'], root)
   return summary

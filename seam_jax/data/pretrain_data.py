@@ -47,6 +47,17 @@ def render(seed, index, size, object_scale=OBJECT_SCALE):
   return np.clip(img, 0, 255).astype(np.uint8), mask, hue
 
 
+def render_grey(seed, index, size):
+  """Image `index` of the grey class: the background alone (grey pixel noise of a random level), no object."""
+  rng = np.random.default_rng([seed, index, STREAM])
+  return np.clip(rng.normal(rng.uniform(*GREY), 20, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def is_grey(seed, index, num_labels):
+  """Whether image `index` is of the grey class: drawn with probability 1 / num_labels (as each hue bin)."""
+  return np.random.default_rng([seed, index, STREAM, 1]).random() < 1 / num_labels
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainSource:
   """grain random-access source: record k = {'image': float32 normalised (size, size, 3), 'label': int32}."""
@@ -55,11 +66,16 @@ class PretrainSource:
   num_classes: int
   seed: int
   object_scale: tuple = OBJECT_SCALE
+  grey_class: bool = False    # one more class, label num_classes: grey noise alone (what a demo background is)
+
+  @property
+  def num_labels(self):
+    return self.num_classes + int(self.grey_class)
 
   def __post_init__(self):
-    if not 2 <= self.num_classes <= voc.NUM_CLASSES:
-      raise DataError(f'pretrain.num_classes must be in [2, {voc.NUM_CLASSES}] (the classifier\'s outputs), '
-                      f'got {self.num_classes}')
+    if not 2 <= self.num_classes <= voc.NUM_CLASSES - int(self.grey_class):
+      raise DataError(f'pretrain.num_classes must be in [2, {voc.NUM_CLASSES}] (the classifier\'s outputs, one '
+                      f'less with grey_class), got {self.num_classes}')
     if self.size < 32 or self.num_images < 1:
       raise DataError(f'pretrain: image_size must be >= 32 and num_images >= 1, got {self.size}, {self.num_images}')
     if len(self.object_scale) != 2 or not 0 < self.object_scale[0] <= self.object_scale[1]:
@@ -69,5 +85,8 @@ class PretrainSource:
     return self.num_images
 
   def __getitem__(self, index):
+    if self.grey_class and is_grey(self.seed, int(index), self.num_labels):
+      img, label = render_grey(self.seed, int(index), self.size), self.num_classes
+      return {'image': voc.normalize(img), 'label': np.int32(label)}
     img, _, hue = render(self.seed, int(index), self.size, self.object_scale)
     return {'image': voc.normalize(img), 'label': np.int32(hue_label(hue, self.num_classes))}

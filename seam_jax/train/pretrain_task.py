@@ -49,10 +49,15 @@ def _as_is(record, rng):
   return record
 
 
+def pretrain_source(hparams, seed):
+  return pretrain_data.PretrainSource(int(hparams.num_images), int(hparams.image_size), int(hparams.num_classes),
+                                      int(seed), tuple(float(v) for v in hparams.object_scale),
+                                      bool(hparams.grey_class))
+
+
 def pretrain_loader(hparams, seed):
   """(loader of {'image', 'label'} batches of the pretraining set drawn from `seed`, number of images)."""
-  source = pretrain_data.PretrainSource(int(hparams.num_images), int(hparams.image_size), int(hparams.num_classes),
-                                        int(seed), tuple(float(v) for v in hparams.object_scale))
+  source = pretrain_source(hparams, seed)
   loader = input_pipeline.make_loader(source, _as_is, global_batch_size=hparams.batch_size, seed=seed)
   return loader, len(source)
 
@@ -70,7 +75,7 @@ def pretrain_task(config):
   p = config.pretrain
   return trainer.Task(
       name=TASK, model_kind='deeplab', hparams=p, make_loader=functools.partial(pretrain_loader, p),
-      loss_fn=make_loss_fn(int(p.num_classes), float(p.bn_momentum), bool(p.dropout)),
+      loss_fn=make_loss_fn(pretrain_source(p, config.seed).num_labels, float(p.bn_momentum), bool(p.dropout)),
       init_input_shape=(64, 64), updates_batch_stats=True)
 
 
