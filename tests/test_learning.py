@@ -1,9 +1,10 @@
 """End to end on the demo data: SEAM trained from scratch with the real trainer (configs/demo.py, narrower and
-shorter) learns, and its CAMs (seam_jax.infer.cam_inference, scored by seam_jax.infer.evaluation) on demo VAL beat the untrained
-network's clearly.
+shorter) learns, and its CAMs (seam_jax.infer.cam_inference, scored by seam_jax.infer.evaluation) on demo VAL beat
+the untrained network's clearly.
 
 The demo set is the generator's plain style of configs/demo.py (4 classes as flat colour discs on grey noise); the
-hard style (20 textured classes over clutter) is not learnt from scratch in a test's budget (see seam_jax.data.demo_data).
+hard style (20 textured classes over clutter) is not learnt from scratch in a test's budget (see
+seam_jax.data.demo_data).
 """
 import json
 import os
@@ -28,7 +29,9 @@ def make_config(root):
   c.data.update(crop_size=96, resize_long=(96, 144))
   c.model.width_div = 8
   c.pretrain.enabled = False  # learning from scratch (calibrated BN): no pretraining export in this test
-  c.train.update(max_steps=STEPS, log_every=50, ckpt_every=10 * STEPS, image_summaries=False, fast_compile=True)
+  # From scratch the demo recipe's lr (0.01, for a pretrained backbone) is too slow: 0.05, as before pretraining.
+  c.train.update(max_steps=STEPS, lr=0.05, log_every=50, ckpt_every=10 * STEPS, image_summaries=False,
+                 fast_compile=True)
   c.infer.update(list='val', scales=(1.0,), force=True)
   c.eval.update(list='val', workers=1)
   return c

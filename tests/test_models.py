@@ -12,6 +12,30 @@ from seam_jax.models import convert
 from torch_reference import models as ref_lib
 
 FULL_SEAM_PARAMS = 105_358_208   # SEAM_SPEC section 1: 105.36 M
+U = 2. ** -24       # float32 unit roundoff
+BF16_U = 2. ** -8   # bfloat16 unit roundoff (8 significand bits)
+
+
+def reorder_rtol(variables):
+  """|difference| / max|output| of two float32 forwards of a network that differ only in summation order (PyTorch
+  vs XLA convolutions).
+
+  A conv output is a K-term sum (K = kh kw c_in) whose partial sums s_k stay within the activation scale (N(0, 1/K)
+  weights); its rounding error sum_k delta_k s_k (|delta_k| <= u) is at most ~K u of the scale, and ~sqrt(K) u with
+  rounding errors of random sign (Higham & Mary, SIAM J. Sci. Comput. 2019), so two orders differ by ~2 sqrt(K) u.
+  BatchNorm, relu and the residual sums keep relative errors, so the convs' errors add along the network:
+  2 u sum_l sqrt(K_l) of the scale (an upper bound of their independent sum), and the scale is <= max|output|.
+  """
+  return 2 * U * sum(np.sqrt(np.prod(k.shape[:-1])) for k in jax.tree.leaves(variables['params']) if k.ndim == 4)
+
+
+def cam_rv_atol(cam, rtol):
+  """Absolute tolerance of cam_rv (in normalised-CAM units, <= 1) when the CAM and the PCM features are within rtol
+  of their scale: the PCM's input cdn = relu(cam) / its per-(image, class) maximum m is off by <= 2 rtol max|cam| / m
+  (value and maximum), the affinities relu(g_i . g_j) of unit feature vectors by <= 2 x 2 rtol relatively, and cam_rv,
+  the affinity-weighted mean of cdn, by the sum of the two. cam: (N, H, W, 21) of one side."""
+  fg_max = np.maximum(np.asarray(cam)[..., 1:], 0).max(axis=(1, 2))
+  return (2 * np.abs(cam).max() / fg_max[fg_max > 0].min() + 4) * rtol
 
 
 def nchw(x):
@@ -44,9 +68,11 @@ def test_seam_parity_narrow_odd_size(narrow_seam):
     cam, cam_rv = ref(nchw(x))
   jcam, jrv = model.apply(variables, jnp.asarray(x))
   assert jcam.shape == jrv.shape == (2, 50, 66, 21)
-  assert np.abs(nhwc(cam)).max() > 0.1 and np.abs(nhwc(cam_rv)).max() > 0.01   # not trivially zero
-  np.testing.assert_allclose(jcam, nhwc(cam), rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(jrv, nhwc(cam_rv), rtol=1e-4, atol=1e-4)
+  rtol = reorder_rtol(variables)
+  rv_atol = cam_rv_atol(nhwc(cam), rtol)
+  assert rtol < 1e-3 and np.abs(nhwc(cam_rv)).max() > 100 * rv_atol   # the tolerances are far below the values
+  np.testing.assert_allclose(jcam, nhwc(cam), rtol=0, atol=rtol * np.abs(nhwc(cam)).max())
+  np.testing.assert_allclose(jrv, nhwc(cam_rv), rtol=0, atol=rv_atol)
 
 
 def test_affinity_parity_narrow_odd_size():
@@ -59,8 +85,12 @@ def test_affinity_parity_narrow_odd_size():
   h, w = jf.shape[1:3]
   assert (h, w) == (7, 9) and affinity.effective_radius(h, w, 5) == 3   # small map: reduced radius
   ja = affinity.pair_affinity(jf, affinity.effective_radius(h, w, 5))
-  np.testing.assert_allclose(jf, nhwc(feats), rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(ja).reshape(aff.shape), aff.numpy(), rtol=1e-4, atol=1e-4)
+  feat_atol = reorder_rtol(variables) * np.abs(nhwc(feats)).max()
+  np.testing.assert_allclose(jf, nhwc(feats), rtol=0, atol=feat_atol)
+  # a = exp(-mean_c |f_from - f_to|) <= 1 moves by <= |change of the mean| <= 2 feat_atol, plus the pair arithmetic.
+  aff_atol = 2 * feat_atol + pair_affinity_rtol(jf.shape[-1], aff.numpy())
+  assert aff_atol < 1e-2 * aff.numpy().max()
+  np.testing.assert_allclose(np.asarray(ja).reshape(aff.shape), aff.numpy(), rtol=0, atol=aff_atol)
 
 
 @pytest.mark.parametrize('h,w', [(13, 15), (11, 20), (12, 11)])
@@ -69,7 +99,7 @@ def test_pair_affinity_and_indices_full_radius(h, w):
   expected = ref_lib.pair_affinity(nchw(f), 5).numpy()
   got = np.asarray(affinity.pair_affinity(jnp.asarray(f), 5))
   assert got.shape[1] == 34 == expected.shape[1]
-  np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=pair_affinity_rtol(6, expected), atol=0)
   ind_from, ind_to = affinity.pair_indices(h, w, 5)
   ref_from, ref_to = ref_lib.pair_indices(h, w, 5)
   np.testing.assert_array_equal(ind_from, ref_from.numpy())
@@ -88,8 +118,11 @@ def test_full_width_seam_parity(full_seam):
   with torch.no_grad():
     cam, cam_rv = full_seam(nchw(x))
   jcam, jrv = model.apply(variables, jnp.asarray(x))
-  np.testing.assert_allclose(jcam, nhwc(cam), rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(jrv, nhwc(cam_rv), rtol=1e-4, atol=1e-4)
+  rtol = reorder_rtol(variables)
+  rv_atol = cam_rv_atol(nhwc(cam), rtol)
+  assert rtol < 1e-3 and np.abs(nhwc(cam_rv)).max() > 100 * rv_atol   # the tolerances are far below the values
+  np.testing.assert_allclose(jcam, nhwc(cam), rtol=0, atol=rtol * np.abs(nhwc(cam)).max())
+  np.testing.assert_allclose(jrv, nhwc(cam_rv), rtol=0, atol=rv_atol)
 
 
 def test_full_param_count(full_seam):

@@ -1,5 +1,6 @@
 """Random walk (SEAM_SPEC section 7): sparse == dense squaring, NumPy == JAX == a torch re-implementation of the
 original's dense algorithm, a hand-checked tiny graph, and the driver (resume, outputs, errors)."""
+import functools
 import os
 import subprocess
 import sys
@@ -22,6 +23,39 @@ from seam_jax.models.affinity import pair_affinity, search_offsets
 from torch_reference import models as torch_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+U, U64 = 2. ** -24, 2. ** -53   # float32 / float64 unit roundoff
+
+# Float tolerances. Every quantity of the walk is non-negative (affinities, A**beta, T, CAMs), so rounding errors
+# are bounded relative to each element, with no cancellation, and relative errors of factors add (to first order):
+# a sum of k non-negative terms in any order is within (k - 1) u of exact (Higham, Accuracy and Stability of
+# Numerical Algorithms, 4.2), a product of two rounded factors adds their errors.
+
+
+def walk_rtol(n, pairs, beta, logt, method):
+  """Relative error of a float32 walk cams @ T^(2^logt) over n nodes, from exact inputs (worst case).
+
+  T: a**beta (<= beta u), column sums of <= 2 pairs + 1 such terms (<= (beta + 2 pairs) u), one division (u):
+  e_T = (2 beta + 2 pairs + 1) u. 'sparse': 2^logt products v @ T, each multiplying in e_T and adding k = 2 pairs + 1
+  rounded products (k u); 'dense': logt squarings, each doubling the error and adding k = n rounded products, then
+  cams @ T^(2^logt): both 2^logt (e_T + k u)."""
+  terms = 2 * pairs + 1 if method == 'sparse' else n
+  return 2 ** logt * (2 * beta + 2 * pairs + 1 + terms) * U
+
+
+def scores_rtol(n, pairs, alpha, beta, logt, method):
+  """Relative error of the upsampled walk scores from float32 CAMs (worst case): the float32 pooled CAMs (a 64-term
+  mean: 63 u; the background 1 - max (u) to the power alpha: (alpha + 2) u), the walk ('float64': the NumPy walk,
+  rounded to float32 once), and the x8 bilinear upsampling: per axis two products and a sum with exact weights
+  (multiples of 1/16), <= 2 u; 4 u per axis allowed (torch may interpolate as v0 + w (v1 - v0))."""
+  walk = U if method == 'float64' else walk_rtol(n, pairs, beta, logt, method)
+  return (rwm.STRIDE ** 2 + alpha + 1) * U + walk + 8 * U
+
+
+def pair_affinity_rtol(channels, aff):
+  """Relative difference of two float32 evaluations of a = exp(-m), m = mean_c |x_from - x_to|, from the same
+  features: the C-term mean in another order moves m by <= 2 (C - 1) u m, so a by as much relatively, and two exp
+  implementations (each within 2 ulp = 4 u) differ by <= 8 u more; m <= -log(min a)."""
+  return (2 * (channels - 1) * -np.log(np.min(aff)) + 8) * U
 
 
 def random_aff(rng, dh, dw, radius):
@@ -46,14 +80,18 @@ def test_transition_and_walk_hand_case():
   expected = np.eye(6)
   expected[1, 2:] = expected[2:, 1] = w
   expected /= expected.sum(0, keepdims=True)   # column j: A[:, j] / (1 + ...)
-  np.testing.assert_allclose(t, expected, rtol=1e-12)
-  np.testing.assert_allclose(t[:, 1], np.array([0, 1, .25, .0625, 1, 0]) / 2.3125, rtol=1e-12)
-  np.testing.assert_allclose(t.sum(0), 1., rtol=1e-12)
+  # The weights are dyadic (a**2 exact in float32), so the column sums are exact and each entry is one correctly
+  # rounded division on both sides: equal bits.
+  np.testing.assert_array_equal(t, expected)
+  np.testing.assert_array_equal(t[:, 1], np.array([0, 1, .25, .0625, 1, 0]) / 2.3125)
+  # A column sums <= 5 entries (each rounded by <= u64 relative) with 4 float64 additions: within 5 u64 of 1 (x2).
+  np.testing.assert_allclose(t.sum(0), 1., rtol=0, atol=2 * 5 * U64)
   v = np.array([[1., 0, 0, 0, 0, 2], [0, 1, 0, 0, 0, 0]])
+  # Two products of the same non-negative T on each side, each <= 5 rounded products summed (5 u64) in its order.
   np.testing.assert_allclose(rwm.walk_sparse(v, rwm.transition_sparse(a, 2, 3, 2, beta), 2), v @ expected @ expected,
-                             rtol=1e-12)
-  # Node 5's link weight is 0: its mass stays put; node 0 is isolated.
-  np.testing.assert_allclose(rwm.walk_sparse(v, rwm.transition_sparse(a, 2, 3, 2, beta), 64)[0, [0, 5]], [1, 2])
+                             rtol=2 * 2 * 5 * U64, atol=0)
+  # Node 5's link weight is 0: its mass stays put; node 0 is isolated. Exactly: their columns are e_0 and e_5.
+  np.testing.assert_array_equal(rwm.walk_sparse(v, rwm.transition_sparse(a, 2, 3, 2, beta), 64)[0, [0, 5]], [1, 2])
 
 
 def test_edges_match_pair_layout():
@@ -74,7 +112,9 @@ def test_pooled_cams_background_and_padding():
   full = np.zeros((21, 16, 24), np.float32)
   full[3, :13, :17], full[15, :13, :17] = cam[2], cam[14]
   full[0, :13, :17] = (1 - np.maximum(cam[2], cam[14])) ** 6
-  np.testing.assert_allclose(pooled, full.reshape(21, 2, 8, 3, 8).mean((2, 4)), rtol=1e-6)
+  # The same float32 values averaged over 8 x 8 blocks in another order: 64-term sums of non-negative terms differ
+  # by <= 2 * 63 u relatively (the division by 64 is exact).
+  np.testing.assert_allclose(pooled, full.reshape(21, 2, 8, 3, 8).mean((2, 4)), rtol=2 * 63 * U, atol=0)
 
 
 # ------------------------------------------------------------------------------ implementations agree
@@ -86,8 +126,11 @@ def test_sparse_iteration_equals_dense_t64():
   cams = rng.random((21, dh, dw))
   sparse = rwm.random_walk_numpy(aff, cams, radius, 8, 6)
   dense = rwm.random_walk_numpy(aff, cams, radius, 8, 6, dense=True)
-  np.testing.assert_allclose(sparse, dense, rtol=1e-9, atol=1e-12)
-  assert not np.allclose(sparse, cams, rtol=1e-2)     # the walk did something
+  # float64, the same T: 64 sparse products (<= 2P + 1 rounded products summed) vs 6 squarings of n-term products
+  # (each doubling the error) then one more, all non-negative: within 64 (2P + 1 + n) u64 relatively.
+  rtol = 2 ** 6 * (2 * len(search_offsets(radius)) + 1 + dh * dw) * U64
+  np.testing.assert_allclose(sparse, dense, rtol=rtol, atol=0)
+  assert not np.allclose(sparse, cams, rtol=1e-2)     # the walk did something (moved values by over 1%)
 
 
 def torch_original_walk(aff, cam, h, w, radius, alpha=6., beta=8, logt=6):
@@ -116,9 +159,10 @@ def torch_original_walk(aff, cam, h, w, radius, alpha=6., beta=8, logt=6):
   return up[:, :h, :w].numpy()
 
 
-def agree_except_near_ties(label, ref_scores, tol):
+def agree_except_near_ties(label, ref_scores, rtol):
+  """label == argmax of ref_scores wherever no score error within rtol (relative) can swap the top two."""
   top2 = np.sort(ref_scores, axis=0)[-2:]
-  clear = (top2[1] - top2[0]) > tol * ref_scores.max()
+  clear = (top2[1] - top2[0]) > rtol * (top2[1] + top2[0])
   assert clear.mean() > 0.9
   np.testing.assert_array_equal(label[clear], np.argmax(ref_scores, 0)[clear])
 
@@ -134,14 +178,18 @@ def test_numpy_and_jax_match_torch_original(h, w):
   ref = torch_original_walk(aff, cam, h, w, radius)
   cams = rwm.pooled_cams(cam, h, w, 6.)
   label, scores = rwm.labels_numpy(rwm.random_walk_numpy(aff, cams, radius, 8, 6), (h, w))
-  np.testing.assert_allclose(scores, ref, rtol=1e-4, atol=1e-6 * ref.max())
-  agree_except_near_ties(label, ref, 1e-4)
+  # Same float32 affinities and CAMs on every side; the torch original walks densely in float32. Scores of absent
+  # classes are exact zeros everywhere, so relative tolerances suffice (atol 0).
+  bound = functools.partial(scores_rtol, dh * dw, len(search_offsets(radius)), 6., 8, 6)
+  rtol = bound('float64') + bound('dense')
+  np.testing.assert_allclose(scores, ref, rtol=rtol, atol=0)
+  agree_except_near_ties(label, ref, rtol)
   for method in ('sparse', 'dense'):
     rw = jax.jit(lambda a, c, m=method: rwm.walk_jax(a, c, radius, 8, 6, m))(aff[None], cams[None])
     labels_j, scores_j = rwm.labels_jax(rw)
-    np.testing.assert_allclose(np.moveaxis(np.asarray(scores_j[0, :h, :w]), -1, 0), ref, rtol=2e-4,
-                               atol=1e-5 * ref.max())
-    agree_except_near_ties(np.asarray(labels_j[0, :h, :w]), ref, 1e-3)
+    rtol = bound(method) + bound('dense')
+    np.testing.assert_allclose(np.moveaxis(np.asarray(scores_j[0, :h, :w]), -1, 0), ref, rtol=rtol, atol=0)
+    agree_except_near_ties(np.asarray(labels_j[0, :h, :w]), ref, rtol)
 
 
 def test_walk_jax_batches_images_independently():
@@ -149,8 +197,9 @@ def test_walk_jax_batches_images_independently():
   aff = np.stack([random_aff(rng, 6, 7, 2) for _ in range(2)])
   cams = rng.random((2, 21, 6, 7)).astype(np.float32)
   both = rwm.walk_jax(aff, cams, 2, 8, 6)
+  rtol = walk_rtol(6 * 7, len(search_offsets(2)), 8, 6, 'sparse')   # float32 vs float64 from the same inputs
   for i in range(2):
-    np.testing.assert_allclose(both[i], rwm.random_walk_numpy(aff[i], cams[i], 2, 8, 6), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(both[i], rwm.random_walk_numpy(aff[i], cams[i], 2, 8, 6), rtol=rtol, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------- driver
@@ -182,6 +231,7 @@ def setup(tmp_path_factory):
   cfg.model.width_div = 32
   cfg.infer.cam_dir = str(root / 'cam')
   cfg.rw.out_dir = str(root / 'rw')
+  cfg.rw.list = 'train'
   cfg.rw.workers = 1
   cfg.rw.batch_size = 2
   voc.write_list(os.path.join(cfg.data.list_dir, 'train.txt'), list(IMAGE_SIZES))
@@ -200,25 +250,45 @@ def read_png(path):
   return np.asarray(Image.open(path))
 
 
-def test_driver_matches_direct_computation_and_resumes(setup):
+@pytest.fixture(scope='module')
+def direct(setup):
+  """Per image id: the torch original's walk scores from pair affinities computed directly (AffinityNet on the padded
+  image), scores_rtol(method) of this image, and the error a difference of those affinities may add."""
   cfg, model, variables = setup
+  apply = jax.jit(model.apply)
+  out = {}
+  for i, (h, w) in IMAGE_SIZES.items():
+    img = voc.normalize(np.asarray(Image.open(os.path.join(cfg.data.voc_root, 'JPEGImages', i + '.jpg'))))
+    feats = apply(variables, rwm.pad_image(img, bucketing.padded_size(h, w))[None])
+    radius = rwm.walk_radius(h, w, cfg.aff.radius)
+    aff = np.asarray(pair_affinity(feats, radius))[0]
+    cam = files.load_npy_dict(os.path.join(cfg.infer.cam_dir, i + '.npy'))
+    ref = torch_original_walk(aff, cam, h, w, radius, cfg.rw.alpha, cfg.rw.beta, cfg.rw.logt)
+    # The driver runs the same convolutions (same shapes) on the same image, so its features are these bits; only
+    # the pair arithmetic, fused into its program, may add in another order (pair_affinity_rtol). That error of a
+    # reaches T twice beta-fold (a**beta and its column sum) and each of the 2^logt products multiplies it in.
+    grid = bucketing.grid_size(h, w)
+    aff_term = 2 ** cfg.rw.logt * 2 * cfg.rw.beta * pair_affinity_rtol(feats.shape[-1], aff)
+    bound = functools.partial(scores_rtol, grid[0] * grid[1], len(search_offsets(radius)), cfg.rw.alpha,
+                              cfg.rw.beta, cfg.rw.logt)
+    out[i] = ref, bound, aff_term
+  return out
+
+
+def test_driver_matches_direct_computation_and_resumes(setup, direct):
+  cfg, _, _ = setup
   cfg = cfg.copy_and_resolve_references()
   cfg.rw.save_scores = True
   rwm.run(cfg)
-  apply = jax.jit(model.apply)
   for i, (h, w) in IMAGE_SIZES.items():
-    img = voc.normalize(np.asarray(Image.open(os.path.join(cfg.data.voc_root, 'JPEGImages', i + '.jpg'))))
-    x = rwm.pad_image(img, bucketing.padded_size(h, w))[None]
-    radius = rwm.walk_radius(h, w, 5)
-    aff = np.asarray(pair_affinity(apply(variables, x), radius))[0]
-    cam = files.load_npy_dict(os.path.join(cfg.infer.cam_dir, i + '.npy'))
-    ref = torch_original_walk(aff, cam, h, w, radius, cfg.rw.alpha, cfg.rw.beta, cfg.rw.logt)
+    ref, bound, aff_term = direct[i]
+    rtol = bound('float64') + bound('dense') + aff_term   # the NumPy backend against the torch original
     out = read_png(os.path.join(cfg.rw.out_dir, i + '.png'))
     assert out.shape == (h, w)
-    agree_except_near_ties(out, ref, 1e-4)
+    agree_except_near_ties(out, ref, rtol)
     scores = files.load_npy_dict(os.path.join(cfg.rw.out_dir, i + '.npy'))
     assert sorted(scores) == [0, 4, 9]
-    np.testing.assert_allclose(scores[9], ref[9], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scores[9], ref[9], rtol=rtol, atol=0)
   # Resume: nothing is redone (mtimes unchanged) unless forced.
   png = os.path.join(cfg.rw.out_dir, 'a.png')
   os.utime(png, (1, 1))
@@ -231,7 +301,7 @@ def test_driver_matches_direct_computation_and_resumes(setup):
   assert os.path.getmtime(png) != 1
 
 
-def test_driver_jax_backend_matches_numpy(setup, tmp_path):
+def test_driver_jax_backend_matches_numpy(setup, direct, tmp_path):
   cfg, _, _ = setup
   outs = {}
   for backend in ('numpy', 'jax'):
@@ -239,10 +309,17 @@ def test_driver_jax_backend_matches_numpy(setup, tmp_path):
     c.rw.backend = backend
     c.rw.workers = 2 if backend == 'numpy' else 1      # the process-pool path
     c.rw.out_dir = str(tmp_path / backend)
+    c.rw.save_scores = backend == 'numpy'
     rwm.run(c)
     outs[backend] = {i: read_png(os.path.join(c.rw.out_dir, i + '.png')) for i in IMAGE_SIZES}
-  for i in IMAGE_SIZES:
-    assert (outs['numpy'][i] == outs['jax'][i]).mean() > 0.99
+  for i, (h, w) in IMAGE_SIZES.items():
+    scores = np.zeros((voc.NUM_CLASSES, h, w), np.float32)   # absent classes score 0 in both backends
+    for k, v in files.load_npy_dict(os.path.join(tmp_path, 'numpy', i + '.npy')).items():
+      scores[k] = v
+    np.testing.assert_array_equal(outs['numpy'][i], np.argmax(scores, 0))
+    # The float32 JAX walk against the float64 NumPy one: labels agree except where their errors could swap a tie.
+    _, bound, aff_term = direct[i]
+    agree_except_near_ties(outs['jax'][i], scores, bound(cfg.rw.jax_method) + bound('float64') + aff_term)
   assert not os.path.exists(os.path.join(tmp_path, 'jax', 'a.npy'))   # scores only when asked
 
 
@@ -258,7 +335,8 @@ def test_missing_cam_is_a_data_error(setup, tmp_path):
 def test_cli_reports_missing_checkpoint(setup, tmp_path):
   cfg, _, _ = setup
   args = [f'--config.{k}={v}' for k, v in (('data.list_dir', cfg.data.list_dir), ('infer.cam_dir', cfg.infer.cam_dir),
-                                           ('rw.out_dir', tmp_path / 'o'), ('rw.checkpoint', tmp_path / 'none'))]
+                                           ('rw.list', 'train'), ('rw.out_dir', tmp_path / 'o'),
+                                           ('rw.checkpoint', tmp_path / 'none'))]
   r = subprocess.run([sys.executable, 'random_walk.py', '--config=configs/demo.py', *args], cwd=ROOT,
                      capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert r.returncode != 0
