@@ -192,6 +192,7 @@ def aff_config(tmp_path_factory):
   cfg.data.voc_root = str(root / 'VOC2012')
   cfg.data.list_dir = str(root / 'lists')
   cfg.infer.crf_dir = str(root / 'crf')
+  cfg.infer.crf_alphas = (4.0, 24.0)   # the original's la / ha (the demo recipe's are 1 and 4)
   cfg.aff.crop_size = 48
   cfg.aff.batch_size = 2
   cfg.model.width_div = 32

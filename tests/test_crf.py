@@ -81,6 +81,7 @@ def crf_config(root, cam_dir, ids, out):
   c.data.list_dir = os.path.dirname(cam_dir)
   voc.write_list(os.path.join(c.data.list_dir, 'crflist.txt'), ids)
   c.infer.list, c.infer.cam_dir, c.infer.crf_dir = 'crflist', cam_dir, out
+  c.infer.crf_alphas = (4.0, 24.0)   # the original's (the demo recipe's are 1 and 4)
   return c
 
 

@@ -168,7 +168,7 @@ def test_png_predictions(tmp_path):
 
 def run_entry(*args):
   return subprocess.run([sys.executable, 'evaluate.py', *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+                        timeout=900, env=dict(os.environ, PYTHONPATH=ROOT))
 
 
 def test_entry_point(tmp_path):

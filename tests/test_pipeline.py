@@ -58,7 +58,7 @@ def test_select_rejects_bad_specs(spec, needle):
 
 def test_unknown_stage_is_one_clear_line(tmp_path):
   r = subprocess.run([sys.executable, '-m', 'seam_jax', 'infer..bogus', f'--config={ROOT}/configs/demo.py:tiny',
-                      f'--config.workdir={tmp_path}/work'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                      f'--config.workdir={tmp_path}/work'], cwd=tmp_path, capture_output=True, text=True, timeout=900)
   assert r.returncode != 0
   assert [l for l in r.stderr.splitlines() if l.startswith('error:')] == [
       f"error: unknown stage 'bogus' in 'infer..bogus'; the stages are: {', '.join(stages.STAGES)}"]
