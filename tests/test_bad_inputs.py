@@ -210,6 +210,6 @@ def test_cam_pickle_that_runs_code(work):
     files.save_npy_dict(os.path.join(work, 'cam', i + '.npy'), {0: np.zeros(files.image_size(image(work, k)))})
   path = os.path.join(work, 'cam', ids[0] + '.npy')
   np.save(path, {0: Evil(marker)}, allow_pickle=True)
-  assert path in run_bad(work, 'evaluate.py', '--config.eval.workers=1')
+  assert path in run_bad(work, 'evaluate.py', '--config.eval.workers=1', '--config.eval.list=train')
   assert not os.path.exists(marker)
 
