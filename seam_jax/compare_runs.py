@@ -60,7 +60,7 @@ def markdown(workdirs):
   loaded = [load_run(w) for w in workdirs]
   runs = [r for r in RUN_TITLES if any(r in s['runs'] for s, _ in loaded)]
   evals = list(dict.fromkeys(n for s, _ in loaded for r in runs for n in s['runs'].get(r, {})))
-  cols = [(r, n) for r in runs for n in evals]
+  cols = [(r, n) for r in runs for n in evals if any(n in s['runs'].get(r, {}) for s, _ in loaded)]
   fixed = lambda n: any('miou_present_fixed' in s['runs'][r].get(n, {}) for s, _ in loaded for r in s['runs'])
   mcols = [(r, n, k) for r, n in cols for k in ('miou_present',) + (('miou_present_fixed',) if fixed(n) else ())]
   head = ['run', 'data', 'pipeline time'] + [
