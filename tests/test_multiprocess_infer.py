@@ -89,6 +89,7 @@ def data(tmp_path_factory):
                'rw.checkpoint': str(tmp / 'affinity_export'), 'infer.scales': [1.0], 'infer.batch_size': 4,
                'infer.threads': 1, 'infer.crf_workers': 1, 'eval.workers': 1, 'rw.workers': 1, 'rw.batch_size': 4,
                'rw.save_scores': True, 'infer.list': 'train', 'rw.list': 'train', 'eval.list': 'train',
+               'infer.crf_alphas': [4.0, 24.0],
                'seg.checkpoint': str(tmp / 'deeplab_export'), 'seg.test_list': 'train',
                'seg.scales': [1.0], 'seg.test_batch_size': 4, 'seg.threads': 1}
 
