@@ -55,8 +55,8 @@ def make_config(workdir, **train):
   c.pretrain.enabled = False   # random init with calibrated BatchNorm statistics
   c.model.width_div = 32
   c.data.crop_size = SIZE
-  c.train.update(dict(batch_size=8, epochs=3, log_every=2, ckpt_every=2, image_summaries=True, fast_compile=True),
-                 **train)
+  c.train.update(dict(batch_size=8, epochs=3, max_steps=-1, log_every=2, ckpt_every=2, image_summaries=True,
+                      fast_compile=True), **train)
   return c
 
 
