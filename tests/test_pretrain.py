@@ -4,7 +4,6 @@ import colorsys
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

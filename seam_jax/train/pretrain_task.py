@@ -15,7 +15,6 @@ the data's: PyTorch's 0.0003 of the segmentation retrain would leave them near t
 """
 import functools
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
