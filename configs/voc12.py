@@ -51,6 +51,7 @@ def get_config():
   c.train.fix_momentum = False      # True: use `fixed_momentum` instead (the intended SGD momentum)
   c.train.fixed_momentum = 0.9
   c.train.poly_power = 0.9
+  c.train.frozen_layers = ('conv1a', 'b2', 'b2_1', 'b2_2')  # backbone layers never trained (the original's)
   c.train.scale_factor = 0.3        # the equivariant transform: rescale by this factor
   c.train.equivariance = 'rescale'  # 'rescale', 'flip' or 'rot90' (general equivariance constraint)
   c.train.topk_ratio = 0.2          # ECR pixel selection
@@ -112,6 +113,7 @@ def get_config():
   c.aff.fix_momentum = False
   c.aff.fixed_momentum = 0.9
   c.aff.poly_power = 0.9
+  c.aff.frozen_layers = ('conv1a', 'b2', 'b2_1', 'b2_2')    # as c.train
   c.aff.log_every = 50
   c.aff.ckpt_every = 500
   c.aff.keep_checkpoints = 3

@@ -4,9 +4,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 import torch
 
 from seam_jax import models
+from seam_jax.common import errors
 from seam_jax.train import optim
 
 BASE_LR = 0.01
@@ -65,6 +67,17 @@ def test_frozen_params_never_change():
         assert np.array_equal(np.asarray(x0), np.asarray(x))
       else:
         assert not np.allclose(np.asarray(x0), np.asarray(x))
+
+
+def test_more_frozen_layers_and_unknown_names():
+  params = toy_params()
+  tx, _ = optim.make_optimizer(hparams(momentum=0.9, frozen_layers=('conv1a', 'b2_1', 'b4_1')), params, MAX_STEPS)
+  p = run(tx, params, 2)[-1]
+  assert np.array_equal(np.asarray(p['backbone']['b4_1']['conv_branch2a']['kernel']),
+                        np.asarray(params['backbone']['b4_1']['conv_branch2a']['kernel']))
+  assert not np.allclose(np.asarray(p['fc8']['kernel']), np.asarray(params['fc8']['kernel']))
+  with pytest.raises(errors.DataError, match="frozen_layers: \\['b9'\\]"):
+    optim.make_optimizer(hparams(frozen_layers=('conv1a', 'b9')), params, MAX_STEPS)
 
 
 def test_effective_lr_per_group_is_poly_times_multiplier():

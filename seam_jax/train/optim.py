@@ -6,7 +6,7 @@ Per group g with lr multiplier mult_g and weight decay wd_g, at step t (0-based)
   param -= base_lr * mult_g * (1 - t / max_steps) ** power * buf
 Groups (seam_jax.models.param_groups): 0 backbone weights (1x, wd), 1 backbone biases (2x, no wd), 2 new-layer
 weights (10x, wd), 3 new-layer biases (20x, no wd); 'frozen' parameters (BatchNorm, conv1a, b2*) get exactly zero
-update. QUIRK: the original's momentum is 0.0005 (the weight decay landed in SGD's momentum slot);
+update (`frozen_layers` names other backbone layers to freeze). QUIRK: the original's momentum is 0.0005 (the weight decay landed in SGD's momentum slot);
 `fix_momentum=True` uses `fixed_momentum` instead.
 """
 import jax
@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from seam_jax import models
+from seam_jax.models import resnet38
+from seam_jax.common import errors
 
 LR_MULT = {0: 1., 1: 2., 2: 10., 3: 20.}
 DECAYED = (0, 2)
@@ -56,6 +58,11 @@ def make_optimizer(hparams, params, max_steps):
   group_txs = {f'group{g}': _group_tx(g, hparams, schedule, momentum) for g in LR_MULT}
   group_txs['frozen'] = optax.set_to_zero()
   # String labels only: the optimizer state is a dict keyed by label, and pytree keys must be sortable.
-  groups = models.param_groups(params, tuple(hparams.get('frozen_layers', models.FROZEN)))
+  frozen = tuple(hparams.get('frozen_layers', models.FROZEN))
+  layers = ('conv1a',) + tuple(b[0] for b in resnet38.BLOCKS)
+  unknown = [n for n in frozen if n not in layers]
+  if unknown:
+    raise errors.DataError(f'config key frozen_layers: {unknown} are not ResNet38 layers (known: {", ".join(layers)})')
+  groups = models.param_groups(params, frozen)
   labels = jax.tree.map(lambda g: g if g == 'frozen' else f'group{g}', groups)
   return optax.multi_transform(group_txs, labels), schedule
