@@ -32,7 +32,7 @@ def _speed_rows(res, peak):
     ratio = per_img(pt) / per_img(f32) if _ok(pt) and _ok(f32) else None
     flops = f32.get('flops') / f32['batch'] if _ok(f32) and f32.get('flops') else None
     use = lambda d, p: f'{100 * flops / per_img(d) / p:.0f} %' if flops and _ok(d) and p else '–'
-    compile_s = f32.get('compile_s', f32.get('first_image_s')) if _ok(f32) else None
+    compile_s = f32.get('compile_s', f32.get('first_pass_s')) if _ok(f32) else None
     mem = lambda d: _f(d.get('device_peak_mb') or d.get('peak_rss_mb'), '.0f') if _ok(d) else '–'
     rows.append([NAMES[kind], _f(per_img(f32)), _f(per_img(bf16)), _f(per_img(pt)), _f(ratio, '.2f'),
                  _f(compile_s, '.1f'), _f(flops and flops / 1e9, '.3g'), use(f32, peak.get('float32')),

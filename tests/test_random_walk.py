@@ -167,6 +167,29 @@ def agree_except_near_ties(label, ref_scores, rtol):
   np.testing.assert_array_equal(label[clear], np.argmax(ref_scores, 0)[clear])
 
 
+def test_present_channels_only_walk_and_upsample_bit_exactly():
+  """Skipping the all-zero channels changes nothing: each channel's products and taps are the same operations in
+  the same order, so the results are bit-identical to walking and upsampling all 21."""
+  rng = np.random.default_rng(2)
+  h, w = 70, 90
+  dh, dw = bucketing.grid_size(h, w)
+  radius = rwm.walk_radius(h, w, 5)
+  aff = random_aff(rng, dh, dw, radius)
+  cams = np.zeros((21, dh, dw))
+  cams[[0, 4, 17]] = rng.random((3, dh, dw))
+  cams[17, :, : dw // 2] = 0                       # a class on half the image only
+  np.testing.assert_array_equal(rwm.present_channels(cams), [0, 4, 17])
+  walked = rwm.random_walk_numpy(aff, cams, radius, 8, 6)
+  trans = rwm.transition_sparse(aff, dh, dw, radius, 8)
+  full = rwm.walk_sparse(cams.reshape(21, -1), trans, 64).reshape(21, dh, dw)
+  np.testing.assert_array_equal(walked, full)
+  label, scores = rwm.labels_numpy(walked, (h, w))
+  up = rwm.upsample_numpy(np.asarray(full, np.float32), (dh * 8, dw * 8))[:, :h, :w]
+  np.testing.assert_array_equal(scores, up)
+  np.testing.assert_array_equal(label, np.argmax(up, axis=0))
+  assert set(np.unique(label)) == {0, 4, 17}
+
+
 @pytest.mark.parametrize('h, w', [(100, 90), (45, 70)])
 def test_numpy_and_jax_match_torch_original(h, w):
   rng = np.random.default_rng(h)

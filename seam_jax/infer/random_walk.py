@@ -112,12 +112,23 @@ def walk_dense(cams, trans, logt):
   return np.asarray(cams, np.float64) @ t
 
 
+def present_channels(cams):
+  """Indices of the channels of cams (C, ...) with a nonzero value, channel 0 (background) always included: the
+  walk and the upsampling are linear per channel, so the other channels stay exactly zero and can be skipped (an
+  image holds 1-3 of the 20 classes: the walk costs a few channels, not 21)."""
+  flat = np.asarray(cams).reshape(len(cams), -1)
+  return np.flatnonzero((np.abs(flat).max(axis=1) > 0) | (np.arange(len(flat)) == 0))
+
+
 def random_walk_numpy(aff, cams, radius, beta, logt, dense=False):
-  """aff (P, hf, wf) pair affinities, cams (21, dh, dw) -> rw (21, dh, dw) float64 (host reference)."""
+  """aff (P, hf, wf) pair affinities, cams (21, dh, dw) -> rw (21, dh, dw) float64 (host reference); only the
+  present channels are walked (present_channels)."""
   c, dh, dw = cams.shape
   trans = transition_sparse(aff, dh, dw, radius, beta)
-  flat = cams.reshape(c, -1)
-  rw = walk_dense(flat, trans, logt) if dense else walk_sparse(flat, trans, 2 ** logt)
+  keep = present_channels(cams)
+  flat = cams.reshape(c, -1)[keep]
+  rw = np.zeros((c, dh * dw), np.float64)
+  rw[keep] = walk_dense(flat, trans, logt) if dense else walk_sparse(flat, trans, 2 ** logt)
   return rw.reshape(c, dh, dw)
 
 
@@ -141,10 +152,13 @@ def upsample_numpy(rw, size):
 
 def labels_numpy(rw, hw):
   """rw (21, dh, dw) -> (uint8 label (h, w), float32 scores (21, h, w)): upsample to the padded size, argmax,
-  crop."""
+  crop. Only the present channels are upsampled: the others are zero, and where every channel is zero both
+  argmaxes give channel 0, which is always present."""
   rw = np.asarray(rw, np.float32)
-  scores = upsample_numpy(rw, (rw.shape[1] * STRIDE, rw.shape[2] * STRIDE))[:, :hw[0], :hw[1]]
-  return np.argmax(scores, axis=0).astype(np.uint8), scores
+  keep = present_channels(rw)
+  scores = np.zeros((len(rw), hw[0], hw[1]), np.float32)
+  scores[keep] = upsample_numpy(rw[keep], (rw.shape[1] * STRIDE, rw.shape[2] * STRIDE))[:, :hw[0], :hw[1]]
+  return keep[np.argmax(scores[keep], axis=0)].astype(np.uint8), scores
 
 
 def walk_jax(aff, cams, radius, beta, logt, method='sparse'):
