@@ -16,6 +16,7 @@ from seam_jax.train import pretrain_task, seam_task, trainer
 
 def test_set_is_a_function_of_seed_and_index_and_labels_are_hue_bins():
   a, b = pretrain_data.PretrainSource(40, 48, 12, 0), pretrain_data.PretrainSource(40, 48, 12, 1)
+  centred = pretrain_data.PretrainSource(40, 48, 12, 0, centred_bins=True)
   labels = []
   for k in range(40):
     img, mask, hue = pretrain_data.render(0, k, 48)
@@ -29,10 +30,15 @@ def test_set_is_a_function_of_seed_and_index_and_labels_are_hue_bins():
     d = abs(colorsys.rgb_to_hsv(r, g, bb)[0] - hue)
     assert min(d, 1 - d) < 1 / (6 * 26)
     assert int(a[k]['label']) == int(hue * 12) and a[k]['image'].dtype == np.float32
+    assert int(centred[k]['label']) == int(hue * 12 + .5) % 12
     np.testing.assert_array_equal(a[k]['image'], voc.normalize(img))
     labels.append(int(a[k]['label']))
   assert len(set(labels)) >= 8                    # the classes are spread over the wheel
   assert any(int(a[k]['label']) != int(b[k]['label']) for k in range(40))
+  assert any(int(a[k]['label']) != int(centred[k]['label']) for k in range(40))
+  # Edge bins [k, k + 1) / 12; centred bins [k - 1/2, k + 1/2) / 12: the demo's hue 1/2 is a bin centre there.
+  assert [pretrain_data.hue_label(h, 12) for h in (.49, .5, .53, .99)] == [5, 6, 6, 11]
+  assert [pretrain_data.hue_label(h, 12, centred=True) for h in (.49, .5, .53, .99)] == [6, 6, 6, 0]
 
 
 def test_object_scale_fills_the_image():

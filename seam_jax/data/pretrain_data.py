@@ -24,9 +24,10 @@ OBJECT_SCALE = (0.35, 0.8)  # default object diameter / image side
 STREAM = 1  # the generator key is (seed, index, STREAM): never the demo set's (seed, index)
 
 
-def hue_label(hue, num_classes):
-  """Class of a hue in [0, 1): its bin among `num_classes` equal bins of the colour wheel."""
-  return int(hue * num_classes) % num_classes
+def hue_label(hue, num_classes, centred=False):
+  """Class of a hue in [0, 1): its bin among `num_classes` equal bins of the colour wheel, [k, k + 1) / n, or with
+  `centred` the bins centred on the hues k / n, [k - 1/2, k + 1/2) / n."""
+  return int(hue * num_classes + (.5 if centred else 0.)) % num_classes
 
 
 def render(seed, index, size, object_scale=OBJECT_SCALE):
@@ -67,6 +68,7 @@ class PretrainSource:
   seed: int
   object_scale: tuple = OBJECT_SCALE
   grey_class: bool = False    # one more class, label num_classes: grey noise alone (what a demo background is)
+  centred_bins: bool = False  # hue bins centred on k / num_classes (hue_label)
 
   @property
   def num_labels(self):
@@ -89,4 +91,4 @@ class PretrainSource:
       img, label = render_grey(self.seed, int(index), self.size), self.num_classes
       return {'image': voc.normalize(img), 'label': np.int32(label)}
     img, _, hue = render(self.seed, int(index), self.size, self.object_scale)
-    return {'image': voc.normalize(img), 'label': np.int32(hue_label(hue, self.num_classes))}
+    return {'image': voc.normalize(img), 'label': np.int32(hue_label(hue, self.num_classes, self.centred_bins))}
