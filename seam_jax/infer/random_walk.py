@@ -156,9 +156,10 @@ def labels_numpy(rw, hw):
   argmaxes give channel 0, which is always present."""
   rw = np.asarray(rw, np.float32)
   keep = present_channels(rw)
+  up = upsample_numpy(rw[keep], (rw.shape[1] * STRIDE, rw.shape[2] * STRIDE))[:, :hw[0], :hw[1]]
   scores = np.zeros((len(rw), hw[0], hw[1]), np.float32)
-  scores[keep] = upsample_numpy(rw[keep], (rw.shape[1] * STRIDE, rw.shape[2] * STRIDE))[:, :hw[0], :hw[1]]
-  return keep[np.argmax(scores[keep], axis=0)].astype(np.uint8), scores
+  scores[keep] = up
+  return keep[np.argmax(up, axis=0)].astype(np.uint8), scores
 
 
 def walk_jax(aff, cams, radius, beta, logt, method='sparse'):

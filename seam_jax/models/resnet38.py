@@ -26,6 +26,7 @@ BLOCKS = (
     ('b6', 'bottleneck', 1024, 0, 2048, 1, 4, 4, 0.3),
     ('b7', 'bottleneck', 2048, 0, 4096, 1, 4, 4, 0.5),
 )
+LAYERS = ('conv1a',) + tuple(b[0] for b in BLOCKS)  # the backbone's parameterised layers, in order
 # Side outputs returned as features: the bn-relu input activation `a` of these blocks.
 SIDE_OUTPUTS = {'b4': 'conv3', 'b5': 'conv4', 'b6': 'conv5'}
 # Layers the original never trains (besides every BatchNorm).

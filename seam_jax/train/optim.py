@@ -5,9 +5,9 @@ Per group g with lr multiplier mult_g and weight decay wd_g, at step t (0-based)
   buf = momentum * buf + d                 (torch SGD: first step buf = d; no dampening, no nesterov)
   param -= base_lr * mult_g * (1 - t / max_steps) ** power * buf
 Groups (seam_jax.models.param_groups): 0 backbone weights (1x, wd), 1 backbone biases (2x, no wd), 2 new-layer
-weights (10x, wd), 3 new-layer biases (20x, no wd); 'frozen' parameters (BatchNorm, conv1a, b2*) get exactly zero
-update (`frozen_layers` names other backbone layers to freeze). QUIRK: the original's momentum is 0.0005 (the weight decay landed in SGD's momentum slot);
-`fix_momentum=True` uses `fixed_momentum` instead.
+weights (10x, wd), 3 new-layer biases (20x, no wd); 'frozen' parameters (BatchNorm, conv1a, b2*; `frozen_layers`
+names others) get exactly zero update. QUIRK: the original's momentum is 0.0005 (the weight decay landed in SGD's
+momentum slot); `fix_momentum=True` uses `fixed_momentum` instead.
 """
 import jax
 import jax.numpy as jnp
@@ -59,10 +59,10 @@ def make_optimizer(hparams, params, max_steps):
   group_txs['frozen'] = optax.set_to_zero()
   # String labels only: the optimizer state is a dict keyed by label, and pytree keys must be sortable.
   frozen = tuple(hparams.get('frozen_layers', models.FROZEN))
-  layers = ('conv1a',) + tuple(b[0] for b in resnet38.BLOCKS)
-  unknown = [n for n in frozen if n not in layers]
+  unknown = [n for n in frozen if n not in resnet38.LAYERS]
   if unknown:
-    raise errors.DataError(f'config key frozen_layers: {unknown} are not ResNet38 layers (known: {", ".join(layers)})')
+    raise errors.DataError(f'config key frozen_layers: {unknown} are not ResNet38 layers '
+                           f'(known: {", ".join(resnet38.LAYERS)})')
   groups = models.param_groups(params, frozen)
   labels = jax.tree.map(lambda g: g if g == 'frozen' else f'group{g}', groups)
   return optax.multi_transform(group_txs, labels), schedule
