@@ -34,3 +34,35 @@ def test_benchmark_command_tiny(tmp_path):
   for name in ('SEAM train step', 'AffinityNet train step', 'segmentation train step', 'CAM inference',
                'Random walk', 'Dense CRF', 'input pipeline', 'real loader'):
     assert name in text
+
+
+def test_profile_attributes_operations():
+  """The profiler's HLO attribution: the forward conv and, with the matmul kernel gradient (conv_wgrad on CPU, by
+  its named scope), the kernel gradient are told apart; PyTorch's operators map to the same rows."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import profile
+  from seam_jax.models import conv_wgrad
+  conv = nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), conv_general_dilated=conv_wgrad.conv_matmul_wgrad)
+  x = jnp.ones((2, 8, 8, 3))
+  params = conv.init(jax.random.PRNGKey(0), x)
+  loss = lambda p, x: jnp.sum(conv.apply(p, x) ** 2)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+  kinds = set(profile.categories(hlo).values())
+  assert {'conv forward', 'conv input gradient', 'conv kernel gradient'} <= kinds
+  assert profile.torch_kind('aten::convolution_backward') == 'conv gradients (input + kernel)'
+  assert profile.torch_kind('aten::mkldnn_convolution') == 'conv forward'
+  assert profile.torch_kind('aten::bmm').startswith('matmul')
+  assert profile.torch_kind('aten::relu') == 'elementwise / reductions'
+
+
+def test_profile_command_tiny():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.profile', '--kind=cam', '--image_hw=40,56',
+                         '--width_div=32', '--batch=2', '--steps=1'], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {l.split(' | ')[0].strip('| '): l.split(' | ')[1:] for l in proc.stdout.splitlines() if l.startswith('| ')}
+  assert float(rows['conv forward'][0]) > 0 and float(rows['conv forward'][2]) > 0   # JAX and PyTorch ms
+  assert float(rows['total'][0]) > 0 and float(rows['total'][2]) > 0

@@ -48,14 +48,15 @@ def _conv_fwd(x, w, strides, padding, dilation):
 def kernel_grad(x, g, kernel_hw, strides, padding, dilation):
   """dW (kh, kw, ci, co) of an NHWC conv: for each tap (i, j), the strided window of the padded input that met
   kernel entry (i, j), contracted with the output gradient g over batch and pixels."""
-  xp = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
-  (ho, wo), (sh, sw), (dh, dw) = g.shape[1:3], strides, dilation
-  gm = g.reshape(-1, g.shape[-1])
-  taps = [xp[:, i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw].reshape(-1, x.shape[-1])
-          for i in range(kernel_hw[0]) for j in range(kernel_hw[1])]
-  dims = (((0,), (0,)), ((), ()))
-  out = jnp.stack([lax.dot_general(t, gm, dims, preferred_element_type=jnp.float32) for t in taps])
-  return out.reshape(tuple(kernel_hw) + out.shape[1:])
+  with jax.named_scope('conv_kernel_grad'):   # names its operations in profiles (benchmarks/profile.py)
+    xp = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
+    (ho, wo), (sh, sw), (dh, dw) = g.shape[1:3], strides, dilation
+    gm = g.reshape(-1, g.shape[-1])
+    taps = [xp[:, i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw].reshape(-1, x.shape[-1])
+            for i in range(kernel_hw[0]) for j in range(kernel_hw[1])]
+    dims = (((0,), (0,)), ((), ()))
+    out = jnp.stack([lax.dot_general(t, gm, dims, preferred_element_type=jnp.float32) for t in taps])
+    return out.reshape(tuple(kernel_hw) + out.shape[1:])
 
 
 def _conv_bwd(strides, padding, dilation, res, g):
