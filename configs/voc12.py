@@ -70,7 +70,7 @@ def get_config():
   c.infer.bucket = 64               # pad view sizes up to multiples of this (fewer recompilations)
   # Padding is exact (conv inputs and the PCM are masked to each view's valid region); 1 = no padding, one
   # compilation per distinct view shape.
-  c.infer.batch_size = 8            # views per device step (global; rounded up to a multiple of the devices)
+  c.infer.batch_size = 0            # views per step (global; rounded up to the devices); 0: auto (1 per CPU device, 8)
   c.infer.max_pending = 16          # images held while their views wait for a batch of the same padded shape
   c.infer.threads = 4               # host threads preparing views and merging/saving CAMs
   c.infer.cam_dir = ''              # '' = <workdir>/cam
@@ -176,7 +176,7 @@ def get_config():
   c.seg.out_dir = ''                # '' = <workdir>/seg_pred
   c.seg.predict_dir = ''            # '' = <workdir>/predict (predict.py)
   c.seg.bucket = 64                 # pad view sizes up to multiples of this (exact: conv inputs are masked)
-  c.seg.test_batch_size = 8         # views per device step (rounded up to a multiple of the local devices)
+  c.seg.test_batch_size = 0         # views per step (rounded up to the local devices); 0: auto as infer.batch_size
   c.seg.max_pending = 8             # images held while their views wait for a batch of the same padded shape
   c.seg.threads = 2                 # host threads fusing the views, running the CRF and writing PNGs
   c.seg.force = False               # recompute outputs that already exist

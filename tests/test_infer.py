@@ -292,6 +292,10 @@ def test_device_loop_batch_and_compile_cache():
   assert loop.compilations == 1
   loop({'x': np.zeros((loop.batch_size, 3), np.float32)})
   assert loop.compilations == 2
+  # 0 = auto: one row per device on CPU (these tests' backend).
+  assert jax.devices()[0].platform == 'cpu' and bucketing.DeviceLoop(lambda v, b: b, 0., 0).batch_size == n
+  with pytest.raises(ValueError, match='< 0'):
+    bucketing.DeviceLoop(lambda v, b: b, 0., -1)
 
 
 class FakeEngine:
