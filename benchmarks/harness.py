@@ -52,6 +52,7 @@ def make_config(size, dtype='float32'):
   c.train.batch_size = c.aff.batch_size = size.batch
   c.seg.batch_size, c.seg.bn_group = size.batch, 1 if size.batch % 5 else 5
   c.infer.scales = size.scales
+  c.infer.batch_size = c.seg.test_batch_size = 0   # auto, voc12's default (the demo recipe pins 8 for its runs)
   # Only the tiny smoke test compiles without LLVM optimisation (the demo recipe's fast_compile is undone: the
   # benchmark measures optimised code).
   fast = size.name == 'tiny'
