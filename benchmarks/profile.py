@@ -121,7 +121,8 @@ def torch_step(kind, size, threads):
   """The PyTorch reference's step (train_steps) or, for cam, its per-view eval forward over the same views."""
   harness.set_torch_threads(threads)
   if kind != 'cam':
-    return train_steps._torch_step(kind, harness.make_config(size), train_steps.make_batch(kind, size))  # pylint: disable=protected-access
+    config, batch = harness.make_config(size), train_steps.make_batch(kind, size)
+    return train_steps._torch_step(kind, config, batch)  # pylint: disable=protected-access
   import torch
   from seam_jax.data import input_pipeline
   net = harness.torch_net('seam', size.width_div, 0).eval()

@@ -3,8 +3,8 @@
 Same code and fields as configs/voc12.py; only sizes shrink (narrow network, small crops, few steps). What makes
 every class localise (issue 15, each measured): class hues spread evenly over the colour wheel (demo_data.plain_colour);
 a backbone pretrained on colours that fill the image plus a grey class, with hue bins centred on the demo's hues
-(configs/demo_pretrain.py: local colour features, not "a hue somewhere in the image"); and 15% of the train images with no object (demo.empty_p), without
-which one class's CAM learns "none of the other three" from the background.
+(configs/demo_pretrain.py: local colour features, not "a hue somewhere in the image"); and 15% of the train images
+with no object (demo.empty_p), without which one class's CAM learns "none of the other three" from the background.
 """
 import ml_collections
 

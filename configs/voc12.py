@@ -70,7 +70,8 @@ def get_config():
   c.infer.bucket = 64               # pad view sizes up to multiples of this (fewer recompilations)
   # Padding is exact (conv inputs and the PCM are masked to each view's valid region); 1 = no padding, one
   # compilation per distinct view shape.
-  c.infer.batch_size = 0            # views per step (global; rounded up to the devices); 0: auto (1 per CPU device, 8)
+  c.infer.batch_size = 0            # views per step (global, rounded up to the devices); 0 = auto: 1 per CPU device,
+  # 8 on accelerators (seam_jax.common.bucketing.auto_batch_size)
   c.infer.max_pending = 16          # images held while their views wait for a batch of the same padded shape
   c.infer.threads = 4               # host threads preparing views and merging/saving CAMs
   c.infer.cam_dir = ''              # '' = <workdir>/cam
