@@ -94,15 +94,13 @@ def jax_step(kind, size, dtype):
   """(step() running one step or forward and blocking on it, its compiled executable)."""
   import jax
   config = harness.make_config(size, dtype)
-  if kind == 'cam':
-    from seam_jax.models import seam
-    views = cam_views(size, config.infer.bucket)
+  if kind == 'cam':   # the infer stage's own engine (CamEngine: PaddedSEAM, sharded over the devices)
+    from seam_jax.infer import cam_inference
+    engine = cam_inference.CamEngine(harness.jax_variables('seam', config.model), config.model, size.batch)
+    views = cam_views(dataclasses.replace(size, batch=engine.batch_size), config.infer.bucket)
     batch = {k: np.stack([v.arrays[k] for v in views]) for k in views[0].arrays}
-    model = seam.PaddedSEAM(size.width_div, jax.numpy.dtype(dtype))
-    variables = {k: v for k, v in harness.jax_variables('seam', config.model).items()
-                 if k in ('params', 'batch_stats')}
-    compiled = jax.jit(lambda v, b: model.apply(v, b['x'], b['valid'], b['xs'])).lower(variables, batch).compile()
-    return lambda: jax.block_until_ready(compiled(variables, batch)), compiled
+    compiled = engine.compile({k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in batch.items()})
+    return lambda: jax.block_until_ready(engine(batch)), compiled
   task = train_steps.make_task(kind, config)
   step, _, compiled = train_steps.jax_train_step(config, task, train_steps.make_batch(kind, size),
                                                  harness.jax_variables(kind, config.model))
@@ -195,6 +193,7 @@ def profile_torch(step, steps):
 def table(res):
   """Markdown rows: kind | JAX ms | share | PyTorch ms | share (conv gradients also summed for JAX, where PyTorch
   has one operator for both)."""
+  whole = {f: sum(v.values()) for f, v in res.items()}
   res = {k: dict(v) for k, v in res.items()}
   grads = ('conv input gradient', 'conv kernel gradient')
   if 'jax' in res and any(k in res['jax'] for k in grads):
@@ -202,7 +201,6 @@ def table(res):
   fw = list(res)
   out = ['| operations | ' + ' | '.join(f'{f} ms/step | {f} share' for f in fw) + ' |',
          '|---|' + '---|---|' * len(fw)]
-  whole = {f: sum(v for k, v in res[f].items() if k != 'conv gradients (input + kernel)' or f != 'jax') for f in fw}
   for k in ROWS:
     if any(k in res[f] for f in fw):
       cells = [f'{res[f][k]:.1f} | {100 * res[f][k] / whole[f]:.1f} %' if k in res[f] else '– | –' for f in fw]
