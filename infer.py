@@ -1,11 +1,11 @@
 """CAM inference with the trained SEAM net, then the dense CRF score maps AffinityNet learns from (SEAM_SPEC 4).
 
-  python infer.py --config=configs/voc12.py [--config.infer.list=train] [--steps=cam] [--config.infer.force]
+  python infer.py --config=configs/voc12.py [--config.infer.list=train] [--steps=cam] [--force]
   python infer.py --config=configs/demo.py --config.infer.crf_alphas='()'   # CAMs only
 """
 from absl import flags
 
-from seam_jax import stages
+from seam_jax import runner
 from seam_jax.common import cli
 
 cli.define_config()
@@ -14,7 +14,7 @@ STAGE_OF = {'cam': 'infer', 'crf': 'crf'}
 
 
 def main(argv):
-  stages.main(*[STAGE_OF[s] for s in flags.FLAGS.steps])(argv)
+  runner.main(*[STAGE_OF[s] for s in flags.FLAGS.steps])(argv)
 
 
 if __name__ == '__main__':

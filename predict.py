@@ -4,7 +4,8 @@
 
 Inputs: image files, folders and .txt lists of paths. Weights: --weights, else seg.checkpoint, else this run's
 segmentation export (an export folder or the authors' released deeplabv1 ResNet38 .pth). Test-time settings
-(scales, flip, CRF) come from config.seg. A file that cannot be read is reported on one line and the others still
+(scales, flip, CRF, max_side: the longer side large photos are tested at, for bounded memory; labels and overlays
+keep the original size) come from config.seg. A file that cannot be read is reported on one line and the others still
 complete; the exit code is 1 if any failed.
 """
 import sys

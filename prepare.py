@@ -5,12 +5,12 @@
 """
 from absl import flags
 
-from seam_jax import stages
+from seam_jax import runner
 from seam_jax.common import cli
 
 cli.define_config()
 flags.DEFINE_bool('demo', False, 'first generate the demo set at config.data.voc_root from config.demo')
-flags.DEFINE_bool('force_demo', False, 'with --demo: regenerate the demo set even if one is there')
+flags.DEFINE_bool('force_demo', False, 'with --demo: regenerate the demo set even if one is there (= --force)')
 flags.DEFINE_integer('workers', 0, 'process pool size for the file checks (0: all cores)')
 FLAGS = flags.FLAGS
 
@@ -18,8 +18,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   names = ['demo', 'prepare'] if FLAGS.demo else ['prepare']
-  stages.run_stages(FLAGS.config, names, force=FLAGS.force_demo, check=False,
-                    options={n: {'workers': FLAGS.workers} for n in names})
+  runner.pipeline(FLAGS.config, names, force=FLAGS.force or FLAGS.force_demo,
+                  options={n: {'workers': FLAGS.workers} for n in names})
 
 
 if __name__ == '__main__':

@@ -2,10 +2,10 @@
 
   python random_walk.py --config=configs/voc12.py [--config.rw.backend=jax] [--config.rw.list=val]
 """
-from seam_jax import stages
+from seam_jax import runner
 from seam_jax.common import cli
 
 cli.define_config()
 
 if __name__ == '__main__':
-  cli.run(stages.main('rw'))
+  cli.run(runner.main('rw'))

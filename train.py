@@ -8,10 +8,10 @@
 Checkpoints (automatic resume) and logs (TensorBoard, metrics.jsonl) go to <workdir>/seam, the final weights to
 <workdir>/seam/export.
 """
-from seam_jax import stages
+from seam_jax import runner
 from seam_jax.common import cli
 
 cli.define_config()
 
 if __name__ == '__main__':
-  cli.run(stages.main('train'))
+  cli.run(runner.main('train'))

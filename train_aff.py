@@ -4,10 +4,10 @@
 
 Checkpoints (automatic resume) and logs go to <workdir>/affinity, the final weights to <workdir>/affinity/export.
 """
-from seam_jax import stages
+from seam_jax import runner
 from seam_jax.common import cli
 
 cli.define_config()
 
 if __name__ == '__main__':
-  cli.run(stages.main('train_aff'))
+  cli.run(runner.main('train_aff'))

@@ -17,7 +17,6 @@ def _cam_config(size, root, dtype, name):
   config.workdir = root
   config.data.voc_root = os.path.join(root, 'VOC2012')
   config.infer.cam_dir = os.path.join(root, f'cam_{name}')
-  config.infer.force = True
   return config, layout
 
 
@@ -31,10 +30,10 @@ def cam_jax_job(size, root, dtype='float32'):
   engine = cam_inference.CamEngine(variables, config.model, config.infer.batch_size)
   config.infer.list = 'bench'
   t = time.perf_counter()
-  warm = cam_inference.run_inference(config, engine)
+  warm = cam_inference.run_inference(config, force=True, engine=engine)
   first_s = time.perf_counter() - t
   t = time.perf_counter()
-  stats = cam_inference.run_inference(config, engine)
+  stats = cam_inference.run_inference(config, force=True, engine=engine)
   dt = time.perf_counter() - t
   return {'seconds': dt / stats['images'], 'img_per_s': stats['images'] / dt, 'first_pass_s': first_s,
           'compilations': warm.get('compilations'),
@@ -87,13 +86,13 @@ def cam_torch_job(size, root, threads=0):
 
 def cam_difference(root):
   """Largest |JAX - PyTorch| over the CAM files both wrote (values in [0, 1])."""
-  from seam_jax.common import files  # pylint: disable=g-import-not-at-top
+  from seam_jax.infer import score_dicts  # pylint: disable=g-import-not-at-top
   a, b = os.path.join(root, 'cam_jax_float32'), os.path.join(root, 'cam_torch')
   if not (os.path.isdir(a) and os.path.isdir(b)):
     return None
   diff = 0.
   for name in sorted(set(os.listdir(a)) & set(os.listdir(b))):
-    x, y = files.load_npy_dict(os.path.join(a, name)), files.load_npy_dict(os.path.join(b, name))
+    x, y = score_dicts.read(os.path.join(a, name)), score_dicts.read(os.path.join(b, name))
     diff = max([diff] + [float(np.abs(x[k] - y[k]).max()) for k in x])
   return diff
 

@@ -82,7 +82,6 @@ def get_config():
   c.infer.crf_alphas = (4.0, 24.0)
   c.infer.crf_iters = 10
   c.infer.crf_workers = 0           # 0 = all cores
-  c.infer.force = False             # recompute outputs that already exist
 
   # Evaluation (section 5).
   c.eval = ml_collections.ConfigDict()
@@ -136,7 +135,6 @@ def get_config():
   c.rw.batch_size = 1               # images of one padded size per network call
   c.rw.workers = 0                  # host processes for backend numpy (0 = all cores, 1 = inline)
   c.rw.save_scores = False
-  c.rw.force = False
 
   # Segmentation retrain on the random-walk pseudo labels (../shared/RETRAIN_SPEC.md; the authors' SSC code).
   c.seg = ml_collections.ConfigDict()
@@ -174,13 +172,14 @@ def get_config():
   c.seg.flip = True
   c.seg.crf = True
   c.seg.crf_iters = 1               # QUIRK Q6: one mean-field iteration, bilateral sxy 32
+  c.seg.max_side = 1000             # longer sides above: tested downscaled, labels resized back (bounded memory);
+                                    # VOC images are <= 500, so the recipe's results are unchanged. 0 = no limit
   c.seg.out_dir = ''                # '' = <workdir>/seg_pred
   c.seg.predict_dir = ''            # '' = <workdir>/predict (predict.py)
   c.seg.bucket = 64                 # pad view sizes up to multiples of this (exact: conv inputs are masked)
   c.seg.test_batch_size = 0         # views per step (rounded up to the local devices); 0: auto as infer.batch_size
   c.seg.max_pending = 8             # images held while their views wait for a batch of the same padded shape
   c.seg.threads = 2                 # host threads fusing the views, running the CRF and writing PNGs
-  c.seg.force = False               # recompute outputs that already exist
 
   # SEAM against the plain-CAM baseline, and the pipeline's report (seam_jax.stages, seam_jax.report; issue 15).
   c.train.method = 'seam'           # 'seam' (the paper's loss) or 'cam': the baseline, classification loss on the

@@ -16,6 +16,10 @@ overrides the derived one. The run folder:
   <workdir>/seg_pred/<id>.png     segmentation label maps of seg.test_list                   (test_seg)
   <workdir>/predict/              label PNGs + overlays of predict.py on any images          (predict)
   <workdir>/stages.json           wall time and summary of each stage's last run             (every stage)
+  <workdir>/records/<stage>.json  what made each stage's outputs (fields, inputs, version)   (seam_jax.runner)
+  <workdir>/config.json           the resolved config of the last run                        (seam_jax.runner)
+  <workdir>/superseded/<task>.<k> training folders set aside when their stage started afresh (seam_jax.runner)
+  <workdir>/.lock                 one run per workdir: names the running process             (seam_jax.runner)
   <workdir>/report/               summary.json, report.html, curve and image-strip PNGs      (pipeline)
   <workdir>/baseline/             the same stages again with the plain-CAM baseline          (compare_baseline)
 """
@@ -165,6 +169,16 @@ def report_dir(config):
   return os.path.join(config.workdir, 'report')
 
 
+def config_record(config):
+  """<workdir>/config.json: the resolved config of the last run (seam_jax.runner)."""
+  return os.path.join(config.workdir, 'config.json')
+
+
+def superseded_dir(config):
+  """<workdir>/superseded/: training folders set aside when their stage starts afresh (seam_jax.runner)."""
+  return os.path.join(config.workdir, 'superseded')
+
+
 # Path fields naming a stage output: a variant run derives them all again below its own workdir.
 OUTPUT_FIELDS = ('infer.checkpoint', 'infer.cam_dir', 'infer.crf_dir', 'infer.label_dir', 'infer.overlay_dir',
                  'eval.pred_dir', 'eval.out_dir', 'aff.la_dir', 'aff.ha_dir', 'rw.checkpoint', 'rw.cam_dir',
@@ -185,3 +199,54 @@ def variant(config, name):
         c[section][key] = ''
     c.workdir = os.path.join(config.workdir, name)
   return c
+
+
+# --- per-image outputs (declared once; seam_jax.stages and the stage modules call these)
+def cam_path(config, image_id):
+  return os.path.join(cam_dir(config), image_id + '.npy')
+
+
+def crf_path(config, alpha, image_id):
+  return os.path.join(crf_dir(config, alpha), image_id + '.npy')
+
+
+def rw_path(config, image_id):
+  return os.path.join(rw_dir(config), image_id + '.png')
+
+
+def rw_score_path(config, image_id):
+  """The walk's score dict (rw.save_scores), beside its label PNG."""
+  return os.path.join(rw_dir(config), image_id + '.npy')
+
+
+def seg_pred_path(config, image_id):
+  return os.path.join(seg_pred_dir(config), image_id + '.png')
+
+
+def rw_cam_path(config, image_id):
+  """The CAM dict the random walk starts from (rw.cam_dir, '' = the CAMs)."""
+  return os.path.join(rw_cam_dir(config), image_id + '.npy')
+
+
+def cam_label_path(config, image_id):
+  """The optional label PNG of CAM inference (infer.label_dir; '' = none: None)."""
+  return os.path.join(config.infer.label_dir, image_id + '.png') if config.infer.label_dir else None
+
+
+def cam_overlay_path(config, image_id, cls):
+  """The optional CAM overlay of foreground class `cls` (0-based) of one image (infer.overlay_dir)."""
+  return os.path.join(config.infer.overlay_dir, f'{image_id}_{voc.CLASSES[cls + 1]}.png')
+
+
+_PER_IMAGE_OUTPUTS = {
+    'infer': lambda c, i: [cam_path(c, i)] + ([cam_label_path(c, i)] if c.infer.label_dir else []),
+    'crf': lambda c, i: [crf_path(c, a, i) for a in c.infer.crf_alphas],
+    'rw': lambda c, i: [rw_path(c, i)] + ([rw_score_path(c, i)] if c.rw.save_scores else []),
+    'test_seg': lambda c, i: [seg_pred_path(c, i)],
+}
+
+
+def per_image_outputs(config, stage_name, image_id):
+  """Every file per-image stage `stage_name` writes for one id (what its resume checks; CRF: in the order of
+  infer.crf_alphas). Overlays, pictures for people, are not outputs."""
+  return _PER_IMAGE_OUTPUTS[stage_name](config, image_id)

@@ -16,9 +16,10 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from seam_jax import layout, stages
+from seam_jax import layout, runner, stages
 from seam_jax.common import files, visual
 from seam_jax.data import voc
+from seam_jax.infer import score_dicts
 
 RUN_TITLES = {'seam': 'SEAM', 'baseline': 'CAM baseline'}
 TILE_HEIGHT = 96    # every tile is scaled to this height (label maps without interpolation)
@@ -90,8 +91,8 @@ def stage_table(config, records):
   lines = [f'{"stage":<22}{"status":<9}{"time":>9}   mIoU (21 classes / present classes)']
   for r in rows:
     name = r['stage'] if r['run'] == 'seam' else f'{r["run"]}/{r["stage"]}'
-    t = stages.fmt_seconds(r['seconds'])
-    made = f'(ran in {stages.fmt_seconds(r["run_seconds"])}) ' if r['status'] == 'skipped' and r['run_seconds'] else ''
+    t = runner.fmt_seconds(r['seconds'])
+    made = f'(ran in {runner.fmt_seconds(r["run_seconds"])}) ' if r['status'] == 'skipped' and r['run_seconds'] else ''
     miou = ', '.join(f'{n} {s["miou"]:.1f} / {s["miou_present"]:.1f}' for n, s in r['scores'].items())
     lines.append(f'{name:<22}{r["status"]:<9}{t:>9}   {made}{miou}'.rstrip())
   return '\n'.join(lines)
@@ -108,18 +109,14 @@ def _label(path, img):
 
 
 def _cam(path, img):
-  cams = files.load_npy_dict(path)
+  cams = score_dicts.read(path, img.shape[:2])
   heat = np.max(np.stack(list(cams.values())), 0) if cams else np.zeros(img.shape[:2], np.float32)
   return visual.overlay(img, heat), 'image'
 
 
 def _crf(path, img):
-  from seam_jax.infer import evaluation  # pylint: disable=g-import-not-at-top
-  return _palette(evaluation.score_dict_label(files.load_npy_dict(path), img.shape[:2])), 'label'
-
-
-def _in(folder_fn, ext):
-  return lambda config, image_id: os.path.join(folder_fn(config), image_id + ext)
+  return _palette(score_dicts.scores_label(score_dicts.read(path, img.shape[:2], score_dicts.SCORES),
+                                           img.shape[:2])), 'label'
 
 
 def strip_groups(config):
@@ -128,18 +125,18 @@ def strip_groups(config):
   test list. render -> (RGB, 'image' | 'label')."""
   runs = run_configs(config)
   first = [('image', 'image', config, layout.image_path, lambda path, img: (img, 'image')),
-           ('truth', 'ground truth', config, _in(layout.gt_dir, '.png'), _label)]
-  cols = first + [('cam', 'CAM (max over classes)', config, _in(layout.cam_dir, '.npy'), _cam)]
-  cols += [(f'crf_{float(a)}', f'CRF, alpha {float(a)}', config,
-            _in(lambda c, a=a: layout.crf_dir(c, a), '.npy'), _crf) for a in config.infer.crf_alphas]
-  cols.append(('rw', 'random walk', config, _in(layout.rw_dir, '.png'), _label))
+           ('truth', 'ground truth', config, lambda c, i: os.path.join(layout.gt_dir(c), i + '.png'), _label)]
+  cols = first + [('cam', 'CAM (max over classes)', config, layout.cam_path, _cam)]
+  cols += [(f'crf_{float(a)}', f'CRF, alpha {float(a)}', config, lambda c, i, a=a: layout.crf_path(c, a, i), _crf)
+           for a in config.infer.crf_alphas]
+  cols.append(('rw', 'random walk', config, layout.rw_path, _label))
   if 'baseline' in runs:
-    cols += [('baseline_cam', 'CAM baseline: CAM', runs['baseline'], _in(layout.cam_dir, '.npy'), _cam),
-             ('baseline_rw', 'CAM baseline: random walk', runs['baseline'], _in(layout.rw_dir, '.png'), _label)]
+    cols += [('baseline_cam', 'CAM baseline: CAM', runs['baseline'], layout.cam_path, _cam),
+             ('baseline_rw', 'CAM baseline: random walk', runs['baseline'], layout.rw_path, _label)]
   groups = [('pseudo', 'Pseudo labels', config.eval.list, cols)]
   if 'seg' in config:
     groups.append(('seg', 'Final prediction of the segmentation net', config.seg.test_list,
-                   first + [('seg', 'final prediction', config, _in(layout.seg_pred_dir, '.png'), _label)]))
+                   first + [('seg', 'final prediction', config, layout.seg_pred_path, _label)]))
   return groups
 
 
@@ -151,7 +148,7 @@ def _fit(rgb, kind):
 
 def strip_ids(config, list_name, last_column, n):
   """n ids spread evenly over a list (those whose last column's output exists, when there are any)."""
-  ids = stages._ids(config, list_name) or []  # pylint: disable=protected-access
+  ids = stages.ids_or_none(config, list_name) or []
   _, _, cfg, path, _ = last_column
   ids = [i for i in ids if os.path.isfile(path(cfg, i))] or ids
   return [ids[k * len(ids) // n] for k in range(min(n, len(ids)))]

@@ -1,27 +1,23 @@
 """The pipeline's stages, in order: the one registry that `python -m seam_jax`, pipeline.py and the root entry points
-share.
+share (seam_jax.runner runs them).
 
   demo -> prepare -> pretrain -> train -> infer -> crf -> eval_cam -> eval_crf -> train_aff -> rw -> eval_rw ->
-  train_seg -> test_seg -> eval_seg          (demo, pretrain: demo configs only)
+  train_seg -> test_seg -> eval_seg          (demo, pretrain: demo configs only; eval_custom: with eval.pred_dir)
 
-A stage is `run(config, force=False, **options) -> summary dict` plus the files it writes and reads (seam_jax.layout
-paths). Its outputs are *complete* when every output exists and none is older than the newest input: the pipeline
-then skips it ("skipped: outputs complete"). Outputs older than an input are *stale*: the stage runs with force=True
-(per-file stages recompute every file). Otherwise a stage resumes: per file, or training from its last checkpoint.
-`force` (--force) runs every selected stage with force=True. Adding a stage is one `@stage(...)` function below.
-
-Every stage run is logged (wall time, summary) in <workdir>/stages.json; the pipeline's report reads it.
+A stage declares, next to its run function: its output paths, its input paths, the config fields it reads (field
+patterns of seam_jax.provenance) and its kind, which says how it starts afresh when its record changed or --force:
+  'train'    a training task: its folder (checkpoints, logs, export) is moved to <workdir>/superseded/ first;
+  'files'    per-image outputs: its existing output files are removed first (then it resumes file by file);
+  'rewrite'  rewrites its outputs whole on every run.
+Adding a stage is one `@stage(...)` function below.
 """
 import dataclasses
 import json
 import os
-import time
 from typing import Callable
 
-from absl import flags
-
 from seam_jax import layout
-from seam_jax.common import distributed, errors, files
+from seam_jax.common import errors
 from seam_jax.data import prepare as prepare_lib
 
 
@@ -35,65 +31,58 @@ class Stage:
   name: str
   run: Callable                       # (config, force=False, **options) -> summary dict
   outputs: Callable                   # config -> [paths]; None while unknown (its list is not prepared yet)
-  inputs: Callable = _none            # config -> [paths] the outputs are computed from
+  inputs: Callable = _none            # config -> [paths] the outputs are computed from (None while unknown)
+  fields: tuple = ()                  # config field patterns the stage reads (seam_jax.provenance.read_fields)
+  kind: str = 'rewrite'               # 'train', 'files' or 'rewrite' (module doc)
+  task: str = ''                      # kind 'train': the task folder name under the workdir
   evaluations: Callable | None = None  # config -> [(name, pred_dir, pred_type, list)]: evaluation stages
   applies: Callable = lambda config: True  # in the default order ('demo': demo configs only)
+  main_only: bool = False             # run by process 0 alone (the others wait): host-only stages writing shared files
 
 
 STAGES = {}  # name -> Stage, in pipeline order
 
 
-def stage(name, outputs, inputs=_none, evaluations=None, applies=lambda config: True):
+def stage(name, outputs, inputs=_none, fields=(), kind='rewrite', task='', evaluations=None,
+          applies=lambda config: True, main_only=False):
   """Register the decorated run function as the stage `name`, after the stages registered before it."""
   def register(fn):
-    STAGES[name] = Stage(name, fn, outputs, inputs, evaluations, applies)
+    STAGES[name] = Stage(name, fn, outputs, inputs, tuple(fields), kind, task, evaluations, applies, main_only)
     return fn
   return register
 
 
 # ------------------------------------------------------------------------------------------------ file sets
-def _ids(config, list_name):
+def ids_or_none(config, list_name):
+  """The ids of a list, None while it is not prepared (the outputs of a stage over it are then unknown)."""
   try:
     return layout.read_ids(config, list_name)
-  except errors.DataError:  # not prepared yet: outputs unknown, the stage is not complete
+  except errors.DataError:
     return None
 
 
-def _per_id(folder, ids, ext):
-  return None if ids is None else [os.path.join(folder, i + ext) for i in ids]
-
-
-def _weights_file(path):
-  """The file that dates a weights source: an export folder's metadata (written last), or the file itself."""
-  from seam_jax.models import export  # pylint: disable=g-import-not-at-top  (orbax: only when asked)
-  return os.path.join(path, export.META) if os.path.isdir(path) or not os.path.splitext(path)[1] else path
+def _per_id(path_fn, ids):
+  return None if ids is None else [path_fn(i) for i in ids]
 
 
 def _concat(*lists):
   return None if any(l is None for l in lists) else [p for l in lists for p in l]
 
 
-def status(st, config):
-  """'complete' (every output present, none older than the newest input), 'stale' (present but older) or
-  'incomplete'. Costs one stat per file."""
-  outs = st.outputs(config)
-  if outs is None or not all(os.path.exists(p) for p in outs):
-    return 'incomplete'
-  ins = st.inputs(config)
-  if ins is None or not all(os.path.exists(p) for p in ins):
-    return 'incomplete'
-  newest_in = max((os.path.getmtime(p) for p in ins), default=0.)
-  return 'complete' if all(os.path.getmtime(p) >= newest_in for p in outs) else 'stale'
+def _images(c, list_name):
+  return _per_id(lambda i: layout.image_path(c, i), ids_or_none(c, list_name))
 
 
-def _forced(config, section, force):
-  """config with `<section>.force = True` when force (per-file stages then recompute every file)."""
-  if not force:
-    return config
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    c[section].force = True
-  return c
+def _weights(path):
+  """[the weights source] (an export folder or a file), [] for a random start."""
+  return [path] if path else []
+
+
+# Field patterns (seam_jax.provenance): what each stage's outputs are a function of.
+CRF_FIELDS = ('infer.crf_alphas', 'infer.crf_iters', 'infer.crf_dir')
+EVAL_FIELDS = ('eval', '!eval.pred_dir', '!eval.pred_type', 'infer.bg_threshold')
+SEG_TEST_FIELDS = ('seg.test_list', 'seg.checkpoint', 'seg.scales', 'seg.flip', 'seg.crf', 'seg.crf_iters',
+                   'seg.out_dir', 'seg.predict_dir', 'seg.bucket', 'seg.test_batch_size')
 
 
 def _train_summary(config, task_name):
@@ -108,72 +97,88 @@ def _train_summary(config, task_name):
 
 
 # ------------------------------------------------------------------------------------------------ the stages
-@stage('demo', outputs=lambda c: [layout.voc_split(c, s) for s in ('train', 'val')], applies=lambda c: 'demo' in c)
+def _demo_applies(c):
+  """Demo configs whose set goes to the derived <workdir>/VOC2012 or to a folder the demo may write (not a user's)."""
+  return 'demo' in c and (not c.data.voc_root or prepare_lib.demo_may_write(c.data.voc_root))
+
+
+@stage('demo', outputs=lambda c: [layout.voc_split(c, s) for s in ('train', 'val')], fields=('demo',),
+       applies=_demo_applies, main_only=True)
 def run_demo(config, force=False, workers=0):
-  """Generate the demo set (demo configs) at layout.voc_root."""
+  """Generate the demo set (demo configs) at layout.voc_root: only into an empty folder or its own earlier one."""
   return prepare_lib.make_demo(config, force=force, workers=workers or os.cpu_count()) or {}
 
 
 @stage('prepare', outputs=lambda c: ([layout.list_path(c, n) for n in prepare_lib.LIST_NAMES] +
                                      [layout.cls_labels(c)]),
-       inputs=lambda c: [layout.voc_split(c, s) for s in ('train', 'val')])
+       inputs=lambda c: [layout.voc_root(c)] + ([c.data.sbd_root] if c.data.sbd_root else []),
+       fields=('data.voc_root', 'data.sbd_root', 'data.label_source', 'data.list_dir', 'data.cls_labels',
+               'data.on_error'), main_only=True)
 def run_prepare(config, force=False, workers=0):
   del force  # always rewrites its outputs
   return prepare_lib.prepare(config, workers=workers or os.cpu_count())
 
 
-@stage('pretrain', outputs=lambda c: [_weights_file(layout.export_dir(c, 'pretrain'))],
-       applies=lambda c: 'pretrain' in c and c.pretrain.enabled)
-def run_pretrain(config, force=False):
-  """The demo's backbone pretraining on its synthetic classification set (seam_jax.train.pretrain_task)."""
-  del force  # training resumes from its checkpoints
+def _train_stage(name, task_name, train_fn, inputs, fields, applies=lambda config: True):
+  """Register a training stage: train_fn(config) trains (resuming from its checkpoints) and exports."""
+  def run(config, force=False):
+    del force  # a forced run starts in a fresh task folder (seam_jax.runner); otherwise it resumes
+    train_fn(config)
+    return _train_summary(config, task_name)
+  return stage(name, outputs=lambda c: [layout.export_dir(c, task_name)], inputs=inputs, fields=fields,
+               kind='train', task=task_name, applies=applies)(run)
+
+
+def _trains(module, task_fn):
+  """train_fn of the task built by seam_jax.train.<module>.<task_fn>(config) (imported when it runs)."""
+  def train_fn(config):
+    import importlib  # pylint: disable=g-import-not-at-top
+    from seam_jax.train import trainer  # pylint: disable=g-import-not-at-top
+    trainer.train(config, getattr(importlib.import_module(f'seam_jax.train.{module}'), task_fn)(config))
+  return train_fn
+
+
+def _pretrain(config):
   from seam_jax.train import pretrain_task  # pylint: disable=g-import-not-at-top
   pretrain_task.run(config)
-  return _train_summary(config, pretrain_task.TASK)
 
 
-def _train_stage(name, task_name, make_task, inputs):
-  def run(config, force=False):
-    del force  # training resumes from its checkpoints; its export is rewritten at the end
-    from seam_jax.train import trainer  # pylint: disable=g-import-not-at-top
-    trainer.train(config, make_task(config))
-    return _train_summary(config, task_name)
-  return stage(name, outputs=lambda c: [_weights_file(layout.export_dir(c, task_name))], inputs=inputs)(run)
+# The demo's backbone pretraining on its synthetic classification set (seam_jax.train.pretrain_task).
+_train_stage('pretrain', 'pretrain', _pretrain, inputs=_none,
+             fields=('seed', 'model.width_div', 'model.dtype', 'model.fast_compile', 'pretrain'),
+             applies=lambda c: 'pretrain' in c and c.pretrain.enabled)
+
+_train_stage('train', 'seam', _trains('seam_task', 'seam_task'),
+             inputs=lambda c: _concat([layout.list_path(c, c.data.train_list), layout.cls_labels(c)],
+                                      _weights(layout.init_weights(c)), _images(c, c.data.train_list)),
+             fields=('seed', 'model', 'data', '!data.aff_canvas', 'train'))
 
 
-def _seam_task(config):
-  from seam_jax.train import seam_task  # pylint: disable=g-import-not-at-top
-  return seam_task.seam_task(config)
+def _per_image_outputs(name, list_of):
+  """outputs(config) of per-image stage `name` over the list `list_of(config)` (layout.per_image_outputs)."""
+  def outputs(c):
+    ids = ids_or_none(c, list_of(c))
+    return None if ids is None else [p for i in ids for p in layout.per_image_outputs(c, name, i)]
+  return outputs
 
 
-def _init_weights(path):
-  """[the file dating the initial weights] ([] for a random start)."""
-  return [_weights_file(path)] if path else []
-
-
-_train_stage('train', 'seam', _seam_task,
-             inputs=lambda c: ([layout.list_path(c, c.data.train_list), layout.cls_labels(c)] +
-                               _init_weights(layout.init_weights(c))))
-
-
-@stage('infer', outputs=lambda c: _per_id(layout.cam_dir(c), _ids(c, c.infer.list), '.npy'),
-       inputs=lambda c: [_weights_file(layout.seam_weights(c)), layout.cls_labels(c)])
+@stage('infer', outputs=_per_image_outputs('infer', lambda c: c.infer.list), kind='files',
+       inputs=lambda c: _concat([layout.seam_weights(c), layout.cls_labels(c), layout.list_path(c, c.infer.list)],
+                                _images(c, c.infer.list)),
+       fields=('model', 'infer', '!infer.crf_alphas', '!infer.crf_iters', '!infer.crf_dir', 'train.method'))
 def run_infer(config, force=False):
   """CAM dicts of infer.list."""
   from seam_jax.infer import cam_inference  # pylint: disable=g-import-not-at-top
-  return cam_inference.run_inference(_forced(config, 'infer', force))
+  return cam_inference.run_inference(config, force=force)
 
 
-def _crf_outputs(c):
-  ids = _ids(c, c.infer.list)
-  return _concat(*[_per_id(layout.crf_dir(c, a), ids, '.npy') for a in c.infer.crf_alphas])
-
-
-@stage('crf', outputs=_crf_outputs, inputs=lambda c: _per_id(layout.cam_dir(c), _ids(c, c.infer.list), '.npy'))
+@stage('crf', outputs=_per_image_outputs('crf', lambda c: c.infer.list), kind='files', fields=CRF_FIELDS + ('infer.list',),
+       inputs=lambda c: _concat(_per_id(lambda i: layout.cam_path(c, i), ids_or_none(c, c.infer.list)),
+                                _images(c, c.infer.list)))
 def run_crf(config, force=False):
   """The la / ha CRF score dicts of infer.list (every infer.crf_alphas)."""
   from seam_jax.infer import crf  # pylint: disable=g-import-not-at-top
-  return {'files_written': crf.run_crf(_forced(config, 'infer', force))}
+  return crf.run_crf(config, force=force)
 
 
 def results_path(config, name):
@@ -192,75 +197,73 @@ def brief(res, config):
   return out
 
 
-def eval_stage(name, evaluations):
+_PRED_EXT = {'png': '.png', 'npy': '.npy', 'crf': '.npy'}
+
+
+def eval_stage(name, evaluations, fields=EVAL_FIELDS, applies=lambda config: True):
   """Register an evaluation stage: `evaluations(config)` -> [(name, pred_dir, pred_type, list)], each scored into
   <eval_dir>/<name>/results.json by seam_jax.infer.evaluation."""
   def run(config, force=False):
     del force  # always rewrites its outputs
     from seam_jax.infer import evaluation  # pylint: disable=g-import-not-at-top
-    out = {}
-    for ev_name, pred_dir, pred_type, list_name in evaluations(config):
-      c = config.copy_and_resolve_references()
-      with c.unlocked():
-        c.eval.pred_dir, c.eval.pred_type, c.eval.list = pred_dir, pred_type, list_name
-        c.eval.out_dir = layout.eval_dir(config, ev_name)
-      out[ev_name] = brief(evaluation.evaluate(c), config)
-    return out
+    return {ev_name: brief(evaluation.evaluate(config, pred_dir, pred_type, list_name,
+                                               layout.eval_dir(config, ev_name)), config)
+            for ev_name, pred_dir, pred_type, list_name in evaluations(config)}
 
   def inputs(config):
-    ext = {'png': '.png'}
-    return _concat(*[_per_id(d, _ids(config, l), ext.get(t, '.npy')) for _, d, t, l in evaluations(config)])
+    preds = [_per_id(lambda i, d=d, t=t: os.path.join(d, i + _PRED_EXT[t]), ids_or_none(config, l))
+             for _, d, t, l in evaluations(config)]
+    return _concat([layout.gt_dir(config)], *preds)
 
   return stage(name, outputs=lambda c: [results_path(c, n) for n, *_ in evaluations(c)], inputs=inputs,
-               evaluations=evaluations)(run)
+               fields=fields, evaluations=evaluations, applies=applies)(run)
 
 
 eval_stage('eval_cam', lambda c: [('cam', layout.cam_dir(c), 'npy', c.eval.list)])
 eval_stage('eval_crf', lambda c: [(f'crf_{float(a)}', layout.crf_dir(c, a), 'crf', c.eval.list)
-                                  for a in c.infer.crf_alphas])
+                                  for a in c.infer.crf_alphas], fields=EVAL_FIELDS + ('infer.crf_alphas',))
+
+_train_stage('train_aff', 'affinity', _trains('affinity_task', 'affinity_task'),
+             inputs=lambda c: _concat(_weights(c.aff.init_weights or layout.init_weights(c)),
+                                      *[_per_id(lambda i, d=d: os.path.join(d, i + '.npy'),
+                                                ids_or_none(c, c.aff.train_list)) for d in layout.score_dirs(c)],
+                                      _images(c, c.aff.train_list)),
+             fields=('seed', 'model', 'data', 'aff', 'infer.crf_alphas'))
 
 
-def _affinity_task(config):
-  from seam_jax.train import affinity_task  # pylint: disable=g-import-not-at-top
-  return affinity_task.affinity_task(config)
-
-
-_train_stage('train_aff', 'affinity', _affinity_task,
-             inputs=lambda c: _concat(_init_weights(c.aff.init_weights or layout.init_weights(c)),
-                                      *[_per_id(d, _ids(c, c.aff.train_list), '.npy') for d in layout.score_dirs(c)]))
-
-
-@stage('rw', outputs=lambda c: _per_id(layout.rw_dir(c), _ids(c, c.rw.list), '.png'),
-       inputs=lambda c: _concat([_weights_file(layout.affinity_weights(c))],
-                                _per_id(layout.rw_cam_dir(c), _ids(c, c.rw.list), '.npy')))
+@stage('rw', outputs=_per_image_outputs('rw', lambda c: c.rw.list), kind='files', fields=('model', 'rw'),
+       inputs=lambda c: _concat([layout.affinity_weights(c)],
+                                _per_id(lambda i: layout.rw_cam_path(c, i), ids_or_none(c, c.rw.list)),
+                                _images(c, c.rw.list)))
 def run_rw(config, force=False):
   """Random-walk label PNGs of rw.list."""
   from seam_jax.infer import random_walk  # pylint: disable=g-import-not-at-top
-  return random_walk.run(_forced(config, 'rw', force)) or {}
+  return random_walk.run(config, force=force)
 
 
 eval_stage('eval_rw', lambda c: [('rw', layout.rw_dir(c), 'png', c.eval.list)])   # rw.list may be train_aug
 
-
 # Segmentation retrain on the random-walk labels (RETRAIN_SPEC), its multi-scale test and evaluation.
-def _seg_task(config):
-  from seam_jax.train import seg_task  # pylint: disable=g-import-not-at-top
-  return seg_task.seg_task(config)
+_train_stage('train_seg', 'seg', _trains('seg_task', 'seg_task'),
+             inputs=lambda c: _concat(_weights(layout.seg_init_weights(c)),
+                                      _per_id(lambda i: os.path.join(layout.seg_label_dir(c), i + '.png'),
+                                              ids_or_none(c, c.seg.train_list)), _images(c, c.seg.train_list)),
+             fields=('seed', 'model', 'data', 'seg') + tuple('!' + f for f in SEG_TEST_FIELDS))
 
 
-_train_stage('train_seg', 'seg', _seg_task,
-             inputs=lambda c: _per_id(layout.seg_label_dir(c), _ids(c, c.seg.train_list), '.png'))
-
-
-@stage('test_seg', outputs=lambda c: _per_id(layout.seg_pred_dir(c), _ids(c, c.seg.test_list), '.png'),
-       inputs=lambda c: [_weights_file(layout.seg_weights(c))])
+@stage('test_seg', outputs=_per_image_outputs('test_seg', lambda c: c.seg.test_list), kind='files', fields=('model',) + SEG_TEST_FIELDS,
+       inputs=lambda c: _concat([layout.seg_weights(c)], _images(c, c.seg.test_list)))
 def run_test_seg(config, force=False):
   """Multi-scale + flip (+ CRF) label PNGs of seg.test_list with the segmentation net."""
   from seam_jax.infer import seg_inference  # pylint: disable=g-import-not-at-top
-  return seg_inference.run_test(_forced(config, 'seg', force))
+  return seg_inference.run_test(config, force=force)
 
 
-eval_stage('eval_seg', lambda c: [('seg', layout.seg_pred_dir(c), 'png', c.seg.test_list)])
+eval_stage('eval_seg', lambda c: [('seg', layout.seg_pred_dir(c), 'png', c.seg.test_list)],
+           fields=('eval', '!eval.list', '!eval.pred_dir', '!eval.pred_type', 'seg.test_list'))
+# Any other predictions (eval.pred_dir of eval.pred_type, evaluate.py): scored into <eval_dir>/custom.
+eval_stage('eval_custom', lambda c: [('custom', c.eval.pred_dir, c.eval.pred_type, c.eval.list)],
+           fields=('eval', 'infer.bg_threshold'), applies=lambda c: bool(c.eval.pred_dir))
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -291,69 +294,6 @@ def select(spec, config=None):
   return list(dict.fromkeys(out))
 
 
-# ------------------------------------------------------------------------------------------------ running
-def fmt_seconds(s):
-  if s is None:
-    return '-'
-  if s < 60:
-    return f'{s:.1f} s'
-  m, s = divmod(int(round(s)), 60)
-  return f'{m}m{s:02d}s' if m < 60 else f'{m // 60}h{m % 60:02d}m'
-
-
-def _short(summary):
-  """One-line gist of a stage summary: mIoUs of evaluations, else a few scalar fields."""
-  if summary and all(isinstance(v, dict) and 'miou' in v for v in summary.values()):
-    return '; '.join(f'{k} mIoU {100 * v["miou"]:.1f} (21 classes) / {100 * v["miou_present"]:.1f} (present)'
-                     for k, v in summary.items())
-  scalars = [(k, v) for k, v in (summary or {}).items() if isinstance(v, (int, float))]
-  return ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in scalars[:5])
-
-
-def read_log(config):
-  path = layout.stage_log(config)
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
-
-
-def run_stages(config, names, force=False, check=True, options=None, label=''):
-  """Run the stages `names` in order; each prints a line when it starts and one when it ends, or one line
-  "skipped: outputs complete" (`check` and not `force`; `check=False`: always run, as the root entry points do).
-  options: {stage name: extra keyword arguments of its run}. Returns one record per stage:
-  {'stage', 'status' ('ran' / 'skipped'), 'seconds' (now), 'run_seconds' (the run that made the outputs),
-  'summary'}."""
-  log, records = read_log(config), []
-  for k, name in enumerate(names, 1):
-    st, tag, t0 = STAGES[name], f'[{k}/{len(names)}] {label}{name}', time.time()
-    state = status(st, config) if check else 'incomplete'
-    if state == 'complete' and not force:
-      seconds = time.time() - t0
-      print(f'{tag}: skipped: outputs complete ({fmt_seconds(seconds)})', flush=True)
-      past = log.get(name, {})
-      records.append({'stage': label + name, 'status': 'skipped', 'seconds': seconds,
-                      'run_seconds': past.get('seconds'), 'summary': past.get('summary', {})})
-      continue
-    note = ' (outputs older than their inputs: recomputing)' if state == 'stale' and not force else ''
-    print(f'{tag}: started{note}', flush=True)
-    try:
-      summary = st.run(config, force=force or state == 'stale', **(options or {}).get(name, {})) or {}
-    except BaseException:
-      print(f'{tag}: failed after {fmt_seconds(time.time() - t0)}', flush=True)
-      raise
-    seconds = time.time() - t0
-    gist = _short(summary)
-    print(f'{tag}: done in {fmt_seconds(seconds)}' + (f': {gist}' if gist else ''), flush=True)
-    summary = json.loads(json.dumps(summary, default=str))
-    log[name] = {'seconds': seconds, 'summary': summary, 'finished': time.strftime('%Y-%m-%d %H:%M:%S')}
-    if distributed.is_main():
-      files.atomic_write_text(layout.stage_log(config), json.dumps(log, indent=1))
-    records.append({'stage': label + name, 'status': 'ran', 'seconds': seconds, 'run_seconds': seconds,
-                    'summary': summary})
-  return records
-
-
 def baseline_config(config):
   """The plain-CAM baseline run: the same data and budget, train.method 'cam' (CAMs from the CAM branch), every
   output in <workdir>/baseline."""
@@ -366,11 +306,3 @@ def baseline_config(config):
 def baseline_stages(names):
   """The stages the baseline repeats: those of `names` from train to eval_rw."""
   return [n for n in names if n in select('train..eval_rw')]
-
-
-def main(*names):
-  """The absl main of a root entry point: run `names` on --config, always (each stage resumes by itself)."""
-  def run(argv):
-    del argv
-    run_stages(flags.FLAGS.config, list(names), check=False)
-  return run

@@ -90,10 +90,10 @@ def test_run_crf_pool_equals_serial_and_resumes(demo_set):
   base = os.path.dirname(cam_dir)
   c = crf_config(root, cam_dir, ids, os.path.join(base, 'pool'))
   c.infer.crf_workers = 2
-  assert crf.run_crf(c) == 2 * len(ids)
+  assert crf.run_crf(c)['files_written'] == 2 * len(ids)
   c_serial = crf_config(root, cam_dir, ids, os.path.join(base, 'serial'))
-  serial = crf.crf_tasks(c_serial, ids)
-  assert crf.run_tasks(serial, (4.0, 24.0), workers=1) == 2 * len(ids)
+  c_serial.infer.crf_workers = 1
+  assert crf.run_crf(c_serial)['files_written'] == 2 * len(ids)
   for a in ('4.0', '24.0'):
     for i in ids:
       p, s = (files.load_npy_dict(os.path.join(base, f'{k}_{a}', i + '.npy')) for k in ('pool', 'serial'))
@@ -102,11 +102,12 @@ def test_run_crf_pool_equals_serial_and_resumes(demo_set):
   assert not np.allclose(la[0], ha[0])  # the two alphas give different background scores
   os.remove(os.path.join(base, 'pool_24.0', ids[1] + '.npy'))
   c.infer.crf_workers = 1
-  assert crf.run_crf(c) == 1           # resume: only the missing file
-  c.infer.force = True
-  assert crf.run_crf(c) == 2 * len(ids)
+  stats = crf.run_crf(c)
+  assert stats['files_written'] == 1           # resume: only the missing file
+  assert (stats['images'], stats['skipped']) == (1, len(ids) - 1)
+  assert crf.run_crf(c, force=True)['files_written'] == 2 * len(ids)
   c.infer.crf_alphas = ()
-  assert crf.run_crf(c) == 0
+  assert crf.run_crf(c, force=True)['files_written'] == 0
 
 
 def test_missing_input_names_the_file(demo_set):

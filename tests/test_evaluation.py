@@ -11,7 +11,7 @@ import pytest
 from configs import voc12
 from seam_jax.common import errors, files
 from seam_jax.data import voc
-from seam_jax.infer import evaluation
+from seam_jax.infer import evaluation, score_dicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,24 +175,28 @@ def test_entry_point(tmp_path):
   ids, _, pred, gt = write_case(tmp_path, rng, 2)
   voc.write_list(str(tmp_path / 'ids.txt'), ids)
   common = [f'--config.eval.pred_dir={pred}', f'--config.eval.gt_dir={gt}', f'--config.eval.out_dir={tmp_path}/ev',
-            '--config.eval.workers=1']
+            '--config.eval.workers=1', f'--config.workdir={tmp_path}/work']
   ok = run_entry(f'--config.eval.list={tmp_path}/ids.txt', *common)
   assert ok.returncode == 0, ok.stderr
-  assert 'mIoU at threshold' in ok.stdout and os.path.isfile(tmp_path / 'ev' / 'results.json')
+  # evaluate.py with eval.pred_dir runs the eval_custom stage: results in <eval.out_dir>/custom/
+  assert 'mIoU at threshold' in ok.stdout and os.path.isfile(tmp_path / 'ev' / 'custom' / 'results.json')
+  again = run_entry(f'--config.eval.list={tmp_path}/ids.txt', *common)
+  assert '] eval_custom: skipped: outputs complete' in again.stdout
   voc.write_list(str(tmp_path / 'more.txt'), ids + ['ghost'])
   bad = run_entry(f'--config.eval.list={tmp_path}/more.txt', *common)
   assert bad.returncode != 0 and 'ghost.npy' in bad.stderr and 'Traceback' not in bad.stderr
 
 
 def test_crf_score_dicts_argmax_over_labels(tmp_path):
-  """pred_type 'crf': the label of a {0: bg, c + 1: score} dict (seam_jax.infer.crf output) is its highest-scoring key."""
+  """pred_type 'crf': the label of a {0: bg, c + 1: score} dict (seam_jax.infer.crf output) is its highest-scoring
+  key."""
   gt = np.array([[0, 0, 3], [15, 15, 255]], np.uint8)
   bg = np.array([[.9, .2, .1], [.1, .3, .5]], np.float32)
   s3 = np.array([[.1, .5, .8], [.2, .2, .1]], np.float32)
   s15 = np.array([[.0, .5, .1], [.7, .6, .4]], np.float32)   # tie at (0, 1) with 3: the earlier key wins
   want = np.array([[0, 3, 3], [15, 15, 0]], np.uint8)
   d = {0: bg, 3: s3, 15: s15}
-  np.testing.assert_array_equal(evaluation.score_dict_label(d, gt.shape), want)
+  np.testing.assert_array_equal(score_dicts.scores_label(d, gt.shape), want)
   pred, gtd = tmp_path / 'crf', tmp_path / 'gt'
   pred.mkdir()
   gtd.mkdir()
@@ -201,6 +205,6 @@ def test_crf_score_dicts_argmax_over_labels(tmp_path):
   res = evaluation.evaluate(make_config(tmp_path, ['a'], str(pred), str(gtd), 'crf'))
   np.testing.assert_array_equal(res['confusion'], evaluation.confusion(gt, want))
   with pytest.raises(errors.DataError, match='keys'):
-    evaluation.score_dict_label({21: bg}, gt.shape)
+    score_dicts.scores_label({21: bg}, gt.shape)
   with pytest.raises(errors.DataError, match='shape'):
-    evaluation.score_dict_label({0: bg[:1]}, gt.shape)
+    score_dicts.scores_label({0: bg[:1]}, gt.shape)

@@ -17,7 +17,7 @@ from configs import demo
 from seam_jax.common import bucketing, errors, files
 from seam_jax.common import ops
 from seam_jax.data import input_pipeline, voc
-from seam_jax.infer import evaluation, cam_inference
+from seam_jax.infer import cam_inference, score_dicts
 from seam_jax.models import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +134,7 @@ def run(net, tmp_path_factory):
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     engine = cam_inference.CamEngine(variables, mc, config.infer.batch_size)
-    stats = cam_inference.run_inference(config, engine)
+    stats = cam_inference.run_inference(config, engine=engine)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   return config, engine, stats, len(compiles)
@@ -244,7 +244,7 @@ def test_inference_matches_unbatched_reference(net, run):
         assert clear.mean() > 0.9 and atol < 1e-3, (clear.mean(), atol)   # a small band, a tolerance below values
         np.testing.assert_allclose(cams[c][clear], ref[c][clear], rtol=0, atol=atol, err_msg=f'{i} class {c}')
     label_png = np.asarray(Image.open(os.path.join(config.infer.label_dir, i + '.png')))
-    np.testing.assert_array_equal(label_png, evaluation.cam_to_label(cams, (h, w), config.infer.bg_threshold))
+    np.testing.assert_array_equal(label_png, score_dicts.threshold_label(cams, (h, w), config.infer.bg_threshold))
     for c in cls:
       assert os.path.isfile(os.path.join(config.infer.overlay_dir, f'{i}_{voc.CLASSES[c + 1]}.png'))
 
@@ -262,11 +262,11 @@ def test_partial_batches_and_resume(run):
   cam_dir = config.infer.cam_dir
   before = {i: files.load_npy_dict(os.path.join(cam_dir, i + '.npy')) for i in IMAGES}
   compiled = engine.compilations
-  config.infer.force, config.infer.max_pending = True, 1  # every image flushed on its own, half-empty batches
+  config.infer.max_pending = 1  # every image flushed on its own, half-empty batches
   try:
-    stats = cam_inference.run_inference(config, engine)
+    stats = cam_inference.run_inference(config, force=True, engine=engine)
   finally:
-    config.infer.force, config.infer.max_pending = False, 16
+    config.infer.max_pending = 16
   assert stats['images'] == 3 and engine.compilations == compiled
   # The same executable (one per padded shape) computes each view's batch row, whatever the other rows hold, and the
   # host merges the views in piece order: equal bits.
@@ -276,7 +276,7 @@ def test_partial_batches_and_resume(run):
       np.testing.assert_array_equal(after[c], before[i][c])
   os.remove(os.path.join(cam_dir, '2007_00000B.npy'))
   mtime = os.path.getmtime(os.path.join(cam_dir, '2007_00000A.npy'))
-  stats = cam_inference.run_inference(config, engine)
+  stats = cam_inference.run_inference(config, engine=engine)
   assert (stats['images'], stats['skipped']) == (1, 2)
   assert os.path.isfile(os.path.join(cam_dir, '2007_00000B.npy'))
   assert os.path.getmtime(os.path.join(cam_dir, '2007_00000A.npy')) == mtime
@@ -369,10 +369,10 @@ def test_bad_input_names_the_file(net, run, tmp_path):
   c = make_config(str(tmp_path), ['2007_00000Z'], {'2007_00000Z': labels['2007_00000A']})
   c.data.voc_root = config.data.voc_root
   with pytest.raises(errors.DataError, match='2007_00000Z.jpg'):
-    cam_inference.run_inference(c, engine)
+    cam_inference.run_inference(c, engine=engine)
   voc.write_list(os.path.join(c.data.list_dir, 'train.txt'), ['2007_00000A', 'nolabel'])
   with pytest.raises(errors.DataError, match='nolabel'):
-    cam_inference.run_inference(c, engine)
+    cam_inference.run_inference(c, engine=engine)
 
 
 def test_entry_point_reports_a_missing_checkpoint(run, tmp_path):

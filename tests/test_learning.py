@@ -32,7 +32,7 @@ def make_config(root):
   # From scratch the demo recipe's lr (0.01, for a pretrained backbone) is too slow: 0.05, as before pretraining.
   c.train.update(max_steps=STEPS, lr=0.05, log_every=50, ckpt_every=10 * STEPS, image_summaries=False,
                  fast_compile=True)
-  c.infer.update(list='val', scales=(1.0,), force=True)
+  c.infer.update(list='val', scales=(1.0,))
   c.eval.update(list='val', workers=1)
   return c
 
@@ -42,7 +42,8 @@ def cam_miou(config, variables, name):
   with config.unlocked():
     config.infer.cam_dir = os.path.join(config.workdir, f'cam_{name}')
     config.eval.out_dir = os.path.join(config.workdir, f'eval_{name}')
-  cam_inference.run_inference(config, cam_inference.CamEngine(variables, config.model, config.infer.batch_size))
+  cam_inference.run_inference(config, force=True,
+                              engine=cam_inference.CamEngine(variables, config.model, config.infer.batch_size))
   return evaluation.evaluate(config)['miou_present']
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from configs import demo
 from seam_jax import layout, models
-from seam_jax.common import distributed, files
+from seam_jax.common import distributed, errors, files, per_image
 from seam_jax.data import demo_data, prepare, voc
 from seam_jax.models import export
 
@@ -192,3 +192,55 @@ def test_process_share_splits_every_id_once(monkeypatch):
       monkeypatch.setattr(distributed, 'process_index', lambda p=p: p)
       shares.append(distributed.process_share(ids))
     assert sorted(i for s in shares for i in s) == sorted(ids) and all(shares)
+
+
+def test_driver_resumes_forces_and_checks_inputs(tmp_path, monkeypatch):
+  """per_image.run on a counting stage: a killed run (simulated: some outputs deleted) redoes exactly those items,
+  the others keep their files; force redoes all; a missing input of any item to do, whichever process owns it,
+  fails every process before any work; each process does its share and reaches the barrier."""
+  items = [f'id{k}' for k in range(6)]
+  outputs = lambda i: [str(tmp_path / f'{i}.a'), str(tmp_path / f'{i}.b')]
+  calls, barriers = [], []
+  monkeypatch.setattr(distributed, 'barrier', barriers.append)
+
+  def work(todo, done):
+    for i in todo:
+      calls.append(i)
+      for p in outputs(i):
+        files.atomic_write_text(p, i)
+      done(2)
+    return {'extra': 7}
+
+  def run(**kwargs):
+    calls.clear()
+    return per_image.run('count', items, outputs, work, **kwargs)
+
+  stats = run()
+  assert calls == items and stats['extra'] == 7 and stats['img_per_s'] > 0
+  assert (stats['images'], stats['skipped'], stats['files_written']) == (6, 0, 12)
+  for p in (outputs('id1')[0], outputs('id4')[1]):
+    os.remove(p)
+  kept = {p: os.stat(p).st_mtime_ns for i in items if i not in ('id1', 'id4') for p in outputs(i)}
+  stats = run()
+  assert calls == ['id1', 'id4'] and (stats['images'], stats['skipped'], stats['files_written']) == (2, 4, 4)
+  assert {p: os.stat(p).st_mtime_ns for p in kept} == kept
+  assert run()['images'] == 0 and calls == []
+  assert run(force=True)['images'] == 6 and calls == items
+  assert barriers == ['count'] * 4
+
+  # Process 1 of 2: its share only; id0's missing input (process 0's item) stops it too, but only while id0 is to do.
+  monkeypatch.setattr(distributed, 'process_count', lambda: 2)
+  monkeypatch.setattr(distributed, 'process_index', lambda: 1)
+  inputs = lambda i: [str(tmp_path / f'{i}.jpg')]
+  for i in items[1:]:
+    files.atomic_write_text(inputs(i)[0], i)
+  assert run(force=False, inputs=inputs)['skipped'] == 3 and calls == []
+  with pytest.raises(errors.DataError, match='count: 1 input files missing, e.g. .*id0.jpg'):
+    run(force=True, inputs=inputs)
+  os.remove(outputs('id0')[0])
+  with pytest.raises(errors.DataError, match='id0.jpg'):
+    run(inputs=inputs)
+  files.atomic_write_text(inputs('id0')[0], 'id0')
+  assert run(force=True, inputs=inputs)['images'] == 3 and calls == ['id1', 'id3', 'id5']
+  with pytest.raises(RuntimeError, match='1 of its 3'):   # a work function that loses images is a bug
+    per_image.run('count', items, outputs, lambda todo, done: done(), force=True)

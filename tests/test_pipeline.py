@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import types
 
 import jax
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from configs import demo, voc12
-from seam_jax import layout, models, stages
+from seam_jax import layout, models, provenance, runner, stages
 from seam_jax.common import errors, files
 from seam_jax.train import equivariance, losses, seam_task, trainer
 
@@ -41,7 +40,8 @@ def test_select_names_lists_and_ranges():
   assert stages.select('..prepare', d) == ['demo', 'prepare']
   assert stages.select('..prepare', v) == ['prepare']                          # demo applies to demo configs only
   assert stages.select('demo', v) == ['demo']                                  # unless named
-  assert stages.select('rw..', d) == order[order.index('rw'):]
+  assert stages.select('rw..', d) == [n for n in order[order.index('rw'):] if n != 'eval_custom']  # applies: no
+  assert stages.select('eval_custom', d) == ['eval_custom']                    # eval.pred_dir: named only
   assert stages.select('all', d) == [n for n in order if stages.STAGES[n].applies(d)]
   assert stages.select('', v) == [n for n in order if stages.STAGES[n].applies(v)]
   assert 'demo' not in stages.select('', v)
@@ -66,28 +66,33 @@ def test_unknown_stage_is_one_clear_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ complete / stale
-def test_status_complete_stale_incomplete(tmp_path):
+def test_stage_state_from_its_record(tmp_path):
+  """A per-image stage (crf) through runner.check: outputs listed from its list, inputs fingerprinted, states from
+  the record (seam_jax.provenance; its own tests cover every state)."""
   c = demo.get_config()
   c.workdir = str(tmp_path)
-  ids = ['a', 'b']
   os.makedirs(layout.list_dir(c))
   with open(layout.list_path(c, c.infer.list), 'w') as f:
     f.write('a\nb\n')
-  cams = [os.path.join(layout.cam_dir(c), i + '.npy') for i in ids]
-  crfs = [os.path.join(layout.crf_dir(c, a), i + '.npy') for a in c.infer.crf_alphas for i in ids]
-  for p in cams + crfs[:-1]:
-    files.save_npy_dict(p, {0: np.zeros((2, 2), np.float32)})
-  st = stages.STAGES['crf']
-  assert stages.status(st, c) == 'incomplete'                  # one output missing
-  files.save_npy_dict(crfs[-1], {})
-  now = time.time()
+  cams = [layout.cam_path(c, i) for i in ('a', 'b')]
   for p in cams:
-    os.utime(p, (now - 10, now - 10))
-  assert stages.status(st, c) == 'complete'
-  os.utime(cams[1], (now + 10, now + 10))                      # an input newer than the outputs
-  assert stages.status(st, c) == 'stale'
-  os.remove(cams[0])                                           # an input missing
-  assert stages.status(st, c) == 'incomplete'
+    files.save_npy_dict(p, {0: np.zeros((2, 2), np.float32)})
+  for i in ('a', 'b'):
+    files.atomic_write(layout.image_path(c, i), lambda f: Image.new('RGB', (2, 2)).save(f, format='JPEG'))
+  st = stages.STAGES['crf']
+  assert st.outputs(c) == [layout.crf_path(c, a, i) for i in ('a', 'b') for a in c.infer.crf_alphas]
+  state, _, record = runner.check(st, c)
+  assert state == 'missing' and record['fields']['infer.crf_alphas'] == list(c.infer.crf_alphas)
+  for p in st.outputs(c):
+    files.save_npy_dict(p, {})
+  assert runner.check(st, c)[:2] == ('stale', ['4 outputs without a record of what made them'])
+  provenance.write_record(c.workdir, 'crf', record, 'complete', provenance.fingerprint_outputs(st.outputs(c)))
+  assert runner.check(st, c)[0] == 'complete'
+  c.infer.crf_iters = 5
+  assert runner.check(st, c)[:2] == ('stale', ['infer.crf_iters 10 -> 5'])
+  c.infer.crf_iters = 10
+  os.remove(cams[0])                                           # an input missing: the stage cannot run yet
+  assert runner.check(st, c)[:2] == ('missing', [f'input missing: {cams[0]}'])
 
 
 def test_variant_pins_inputs_and_derives_outputs(tmp_path):

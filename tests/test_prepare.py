@@ -191,7 +191,10 @@ def test_make_demo_requires_demo_fields(tmp_path):
   os.makedirs(os.path.join(c.data.voc_root, 'ImageSets', 'Segmentation'))
   for n in ('train', 'val'):
     open(os.path.join(c.data.voc_root, 'ImageSets', 'Segmentation', n + '.txt'), 'w').close()
-  assert prepare.make_demo(c) is None          # already there: not regenerated
+  with pytest.raises(errors.DataError, match='did not generate'):   # a folder the demo did not make: never touched
+    prepare.make_demo(c)
+  open(os.path.join(c.data.voc_root, prepare.DEMO_MARKER), 'w').close()
+  assert prepare.make_demo(c) is None          # its own, already there: not regenerated
   assert not os.path.exists(os.path.join(c.data.voc_root, 'JPEGImages'))
 
 
@@ -213,5 +216,6 @@ def test_entry_point_demo_then_clean_error(tmp_path):
   victim = voc.read_list(str(out / 'lists' / 'train.txt'))[0]
   os.remove(out / 'VOC2012' / 'JPEGImages' / f'{victim}.jpg')
   _, r = run_entry(tmp_path, '--demo')          # demo set present: not regenerated, the missing image is found
-  assert r.returncode != 0 and 'already' in r.stderr
+  assert r.returncode != 0 and '] demo: skipped: outputs complete' in r.stdout
+  assert '] prepare: started (input ' in r.stdout    # the data folder changed: lists and labels are remade
   assert f'JPEGImages/{victim}.jpg' in r.stderr and 'Traceback' not in r.stderr

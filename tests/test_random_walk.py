@@ -317,11 +317,29 @@ def test_driver_matches_direct_computation_and_resumes(setup, direct):
   os.utime(png, (1, 1))
   rwm.run(cfg)
   assert os.path.getmtime(png) == 1
-  cfg.rw.force = True
   cfg.rw.list = os.path.join(cfg.data.list_dir, 'a.txt')   # one image: one compilation
   voc.write_list(cfg.rw.list, ['a'])
-  rwm.run(cfg)
+  rwm.run(cfg, force=True)
   assert os.path.getmtime(png) != 1
+
+
+def test_scores_switched_on_later_are_written(setup, tmp_path):
+  """The resume check covers every output: labels walked without scores, then rw.save_scores on -> the walk runs
+  again for the images without a score file (only those), and writes it."""
+  cfg, _, _ = setup
+  c = cfg.copy_and_resolve_references()
+  c.rw.out_dir = str(tmp_path / 'rw')
+  c.rw.list = os.path.join(c.data.list_dir, 'bc.txt')   # b, c: the padded sizes (40, 56) and (40, 64)
+  voc.write_list(c.rw.list, ['b', 'c'])
+  assert rwm.run(c)['files_written'] == 2
+  assert not any(f.endswith('.npy') for f in os.listdir(c.rw.out_dir))
+  c.rw.save_scores = True
+  files.save_npy_dict(os.path.join(c.rw.out_dir, 'c.npy'), {0: np.ones(IMAGE_SIZES['c'], np.float32)})
+  stats = rwm.run(c)
+  assert (stats['images'], stats['skipped'], stats['files_written']) == (1, 1, 2)
+  scores = files.load_npy_dict(os.path.join(c.rw.out_dir, 'b.npy'))
+  assert sorted(scores) == [0, 4, 9] and scores[0].shape == IMAGE_SIZES['b']
+  assert rwm.run(c)['images'] == 0
 
 
 def test_driver_jax_backend_matches_numpy(setup, direct, tmp_path):

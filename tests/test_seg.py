@@ -9,6 +9,7 @@ order and fused ops), `float32_tol` below.
 """
 import dataclasses
 
+import cv2
 import flax
 import jax
 import jax.numpy as jnp
@@ -18,10 +19,10 @@ import torch
 
 from configs import demo
 from seam_jax import models
-from seam_jax.common import bucketing
+from seam_jax.common import bucketing, visual
 from seam_jax.common.errors import DataError
 from seam_jax.data import seg_data
-from seam_jax.infer import crf, seg_inference
+from seam_jax.infer import crf, predict, seg_inference
 from seam_jax.models import convert, deeplab, export
 from seam_jax.train import optim, seg_task, trainer
 from torch_reference import deeplab as ref_lib
@@ -298,3 +299,74 @@ def test_multiscale_flip_fusion_matches_the_original():
   crf_opts = dataclasses.replace(opts, crf=True)
   want = crf.crf_inference(seg_data.denormalize_uint8(img_norm), seg_inference.softmax(fused), 1, 21, bi_sxy=32)
   np.testing.assert_array_equal(seg_inference.label_map(img_norm, outs, crf_opts), np.argmax(want, 0))
+
+
+class ViewLog:
+  """An engine for bucketing.schedule that runs `engine` and records the padded (H, W) of every batch of views."""
+
+  def __init__(self, engine):
+    self.engine, self.batch_size, self.shapes = engine, engine.batch_size, []
+
+  def __call__(self, batch):
+    self.shapes.append(batch['x'].shape[1:3])
+    return self.engine(batch)
+
+
+@pytest.fixture(scope='module')
+def tiny_engine():
+  cfg = convert.model_config(32)
+  cfg.fast_compile = True
+  return seg_inference.SegEngine(reference(seed=13, width=32)[2], cfg, batch_size=2)
+
+
+def segment_images(engine, opts, images):
+  """seg_inference.segment over in-memory uint8 images: [(the image `save` got, its label map)], in order."""
+  got = {}
+  seg_inference.segment(engine, opts, list(range(len(images))), lambda i: (i, None, images[i]),
+                        lambda i, _, img, label: got.__setitem__(i, (img, label)), threads=1)
+  return [got[i] for i in range(len(images))]
+
+
+def test_large_image_is_tested_at_bounded_size(tiny_engine):
+  """Issue 21: an image whose longer side is above max_side (3000 x 400, max_side 120) is tested at its INTER_AREA
+  downscale (120 x 16: the engine only gets views padded from 120 x 16 and 60 x 8, the CRF runs at that size) and
+  its label map comes back at the image's size: the downscaled image's labels, INTER_NEAREST resized."""
+  assert seg_inference.bounded_size(3000, 400, 120) == (120, 16) and seg_inference.bounded_size(400, 3000, 120) == (
+      16, 120)
+  assert seg_inference.bounded_size(10000, 10, 100) == (100, 1) and seg_inference.bounded_size(45, 61, 0) == (45, 61)
+  img = (np.random.RandomState(13).rand(3000, 400, 3) * 255).astype(np.uint8)
+  opts = seg_inference.SegTestOptions(scales=(0.5, 1.0), flip=True, bucket=32, crf=True, max_side=120)
+  log = ViewLog(tiny_engine)
+  [(saved, label)] = segment_images(log, opts, [img])
+  assert saved is img and label.shape == (3000, 400) and label.dtype == np.uint8
+  assert sorted(set(log.shapes)) == [(64, 32), (128, 32)]
+  small = cv2.resize(img, (16, 120), interpolation=cv2.INTER_AREA)
+  [(_, want)] = segment_images(tiny_engine, dataclasses.replace(opts, max_side=0), [small])
+  np.testing.assert_array_equal(label, cv2.resize(want, (400, 3000), interpolation=cv2.INTER_NEAREST))
+
+
+def test_image_within_max_side_is_unchanged(tiny_engine):
+  """max_side 0, equal to or above the longer side: bit-identical labels to the unbounded test (the views of the
+  image itself, as before issue 21; VOC images under the default 1000). seg.max_side reaches the options; < 0 is
+  refused."""
+  img = (np.random.RandomState(14).rand(45, 61, 3) * 255).astype(np.uint8)
+  opts = seg_inference.SegTestOptions(scales=(0.75, 1.0), flip=True, bucket=32, crf=True)
+  norm = seg_data.normalize32(img)
+  [(_, _, outs)] = list(bucketing.schedule(tiny_engine, [(0, None, seg_inference.prepare_views(norm, opts))]))
+  want = seg_inference.label_map(norm, outs, opts)
+  for max_side in (0, 61, 1000):
+    [(_, label)] = segment_images(tiny_engine, dataclasses.replace(opts, max_side=max_side), [img])
+    np.testing.assert_array_equal(label, want)
+  s = demo.get_config().seg
+  assert seg_inference.SegTestOptions.from_config(s).max_side == 1000
+  s.max_side = -1
+  with pytest.raises(ValueError, match='max_side'):
+    seg_inference.SegTestOptions.from_config(s)
+
+
+def test_predict_overlay_in_strips():
+  """predict's side-by-side overlay, blended in strips of rows (bounded temporaries), equals the whole-image blend."""
+  r = np.random.RandomState(15)
+  img, label = (r.rand(70, 9, 3) * 255).astype(np.uint8), r.randint(0, 21, (70, 9)).astype(np.uint8)
+  want = np.concatenate([img, visual.label_overlay(img, label)], axis=1)
+  np.testing.assert_array_equal(predict.side_by_side(img, label, rows=16), want)

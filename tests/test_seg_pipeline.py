@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from seam_jax import layout, stages
+from seam_jax import layout, runner
 from seam_jax.common import files
 from seam_jax.common.errors import DataError
 from seam_jax.data import input_pipeline, seg_data, voc
@@ -170,12 +170,12 @@ def demo_run(tmp_path_factory):
   the ground-truth masks of the train list stand in for the random walk's labels (same PNG format)."""
   root = tmp_path_factory.mktemp('e2e')
   c = small_config(root / 'work', batch_size=8, bn_group=4, crop_size=48, max_steps=2, scales=(0.75, 1.0), crf=True)
-  stages.run_stages(c, ['demo', 'prepare'], check=False)
+  runner.run_stages(c, ['demo', 'prepare'])
   for i in layout.read_ids(c, c.seg.train_list):
     files.save_label_png(os.path.join(layout.rw_dir(c), i + '.png'),
                          voc.load_mask(os.path.join(layout.gt_dir(c), i + '.png')))
-  first = stages.run_stages(c, ['train_seg', 'test_seg', 'eval_seg'])
-  again = stages.run_stages(c, ['train_seg', 'test_seg', 'eval_seg'])
+  first = runner.run_stages(c, ['train_seg', 'test_seg', 'eval_seg'])
+  again = runner.run_stages(c, ['train_seg', 'test_seg', 'eval_seg'])
   return c, root, first, again
 
 

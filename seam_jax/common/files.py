@@ -18,11 +18,49 @@ except ImportError:  # pragma: no cover - numpy 1.x
   from numpy.core import multiarray as _multiarray
 
 
+_PROTECTED = []   # real paths of the folders no writer may touch: the user's data (protect)
+
+
+@contextlib.contextmanager
+def protecting(folders):
+  """Within the block refuse (DataError) every write, move or removal through this module under `folders`: the data
+  folders a run reads but did not create (seam_jax.runner). Nested blocks add to the outer ones."""
+  before = list(_PROTECTED)
+  _PROTECTED.extend(os.path.realpath(f) for f in folders)
+  try:
+    yield
+  finally:
+    _PROTECTED[:] = before
+
+
+def check_writable(path):
+  """DataError when `path` lies inside a protected folder (see protecting)."""
+  real = os.path.realpath(path)
+  for root in _PROTECTED:
+    if real == root or real.startswith(root + os.sep):
+      raise DataError(f'refusing to write {path}: it is inside the data folder {root}, which this run reads but '
+                      'did not create (set the output paths elsewhere)')
+
+
+def remove(path):
+  """Remove one file (checked against the protected folders)."""
+  check_writable(path)
+  os.remove(path)
+
+
+def move(src, dst):
+  """Move a file or folder (both ends checked against the protected folders)."""
+  check_writable(src)
+  check_writable(dst)
+  os.replace(src, dst)
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=''):
   """Yield a temporary path beside `path` (same folder, `suffix` kept for writers that infer a format from it);
   renamed onto `path` when the block succeeds, removed when it fails. A crash never leaves a half-written file
-  under the final name."""
+  under the final name. Paths inside a protected folder are refused (protecting)."""
+  check_writable(path)
   d = os.path.dirname(path)
   if d:
     os.makedirs(d, exist_ok=True)

@@ -3,7 +3,7 @@
 Per image: views at every scale (+ mirror); the PCM output cam_rv (channels 1..20) of each view is upsampled to the
 image size (bilinear, align_corners=False), multiplied by the image label, un-mirrored and summed; s[s < 0] = 0;
 per class s[s < min + 1e-5] = 0 and norm = (s - min - 1e-5) / (max - min + 1e-5). The dict {c: norm[c]} of the
-label classes is saved as <cam_dir>/<id>.npy.
+label classes is saved as <cam_dir>/<id>.npy (seam_jax.infer.score_dicts).
 
 Throughput: views of many images are batched together and sharded over this process's devices (with several
 processes, each one does its share of the list: seam_jax.common.distributed). To bound the number of compilations on
@@ -17,19 +17,15 @@ float summation order). `infer.bucket = 1` disables padding (one compilation per
 """
 import concurrent.futures
 import functools
-import os
-import time
 
-from absl import logging
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from seam_jax import layout
-from seam_jax.common import bucketing, distributed, files, ops, pools, visual
+from seam_jax.common import bucketing, files, ops, per_image, visual
 from seam_jax.data import input_pipeline
 from seam_jax.data import voc
-from seam_jax.infer import evaluation
+from seam_jax.infer import score_dicts
 from seam_jax.models import convert
 from seam_jax.models import seam
 
@@ -102,23 +98,16 @@ def merge_views(outs, hw, label):
   return {int(c): norm[i] for i, c in enumerate(cls)}
 
 
-def _output_paths(config, image_id):
-  ic = config.infer
-  paths = {'cam': os.path.join(layout.cam_dir(config), image_id + '.npy')}
-  if ic.label_dir:
-    paths['label'] = os.path.join(ic.label_dir, image_id + '.png')
-  return paths
-
-
 def _save(config, image_id, img, cams):
+  """The CAM dict, then the optional label PNG and overlays of one image; returns the number of files written."""
   ic = config.infer
-  paths = _output_paths(config, image_id)
-  files.save_npy_dict(paths['cam'], cams)
-  if 'label' in paths:
-    files.save_label_png(paths['label'], evaluation.cam_to_label(cams, img.shape[:2], ic.bg_threshold))
+  score_dicts.write(layout.cam_path(config, image_id), cams, img.shape[:2])
+  label_path = layout.cam_label_path(config, image_id)
+  if label_path:
+    files.save_label_png(label_path, score_dicts.threshold_label(cams, img.shape[:2], ic.bg_threshold))
   for c, cam in (cams.items() if ic.overlay_dir else ()):
-    path = os.path.join(ic.overlay_dir, f'{image_id}_{voc.CLASSES[c + 1]}.png')
-    files.save_rgb_png(path, visual.overlay(img, cam))
+    files.save_rgb_png(layout.cam_overlay_path(config, image_id, c), visual.overlay(img, cam))
+  return 1 + bool(label_path) + (len(cams) if ic.overlay_dir else 0)
 
 
 def cam_branch(config):
@@ -127,30 +116,15 @@ def cam_branch(config):
   return branch or ('cam' if config.train.get('method', 'seam') == 'cam' else 'cam_rv')
 
 
-def run_inference(config, engine=None):
-  """CAM dicts for every id of config.infer.list not done yet (all with infer.force); with several processes each
-  does its share (distributed.process_share) and all meet at a barrier at the end. Returns this process's stats."""
-  stats = _infer_share(config, engine)
-  distributed.barrier('cam_inference')
-  return stats
-
-
-def _infer_share(config, engine):
+def run_inference(config, *, force=False, engine=None):
+  """CAM dicts of config.infer.list (seam_jax.common.per_image: this process's share, the images not done yet or
+  all with `force`, a barrier at the end). `engine`: a CamEngine (default: the SEAM export, loaded only when there
+  is work). Returns this process's stats (per_image.run, + compilations)."""
   ic = config.infer
   if not ic.scales:
     raise ValueError('infer.scales is empty')
   ids = layout.read_ids(config, ic.list)
   labels = voc.labels_for(ids, voc.load_cls_labels(layout.cls_labels(config)), layout.cls_labels(config))
-  share = distributed.process_share(list(zip(ids, labels)))
-  todo = [(i, l) for i, l in share if ic.force or not all(os.path.isfile(p) for p in _output_paths(config, i).values())]
-  stats = {'images': len(todo), 'skipped': len(share) - len(todo), 'seconds': 0., 'img_per_s': 0.}
-  if not todo:
-    logging.info('infer: all %d images of this process (of %d in %s) are done (infer.force recomputes)', len(share),
-                 len(ids), ic.list)
-    return stats
-  if engine is None:
-    variables = convert.load_variables(layout.seam_weights(config), 'seam', config.model)
-    engine = CamEngine(variables, config.model, ic.batch_size, branch=cam_branch(config))
 
   def load(item):
     image_id, label = item
@@ -159,17 +133,17 @@ def _infer_share(config, engine):
 
   def finish(result):
     image_id, (img, label), outs = result
-    _save(config, image_id, img, merge_views(outs, img.shape[:2], label))
+    return _save(config, image_id, img, merge_views(outs, img.shape[:2], label))
 
-  t0 = time.time()
-  threads = max(int(ic.threads), 1)
-  with concurrent.futures.ThreadPoolExecutor(threads) as prep, \
-       concurrent.futures.ThreadPoolExecutor(threads) as post:
-    results = bucketing.schedule(engine, pools.prefetch(load, todo, prep, 2 * threads), ic.max_pending)
-    for _ in tqdm(pools.prefetch(finish, results, post, 2 * threads), total=len(todo), desc='cam', unit='img'):
-      pass
-  dt = time.time() - t0
-  stats.update(seconds=dt, img_per_s=len(todo) / dt, compilations=engine.compilations)
-  logging.info('infer: %d images in %.1f s (%.2f img/s, %d compilations); %d skipped; CAMs in %s',
-               len(todo), dt, len(todo) / dt, engine.compilations, stats['skipped'], layout.cam_dir(config))
-  return stats
+  def work(todo, done):
+    eng = engine
+    if eng is None:
+      variables = convert.load_variables(layout.seam_weights(config), 'seam', config.model)
+      eng = CamEngine(variables, config.model, ic.batch_size, branch=cam_branch(config))
+    threads = max(int(ic.threads), 1)
+    with concurrent.futures.ThreadPoolExecutor(threads) as post:
+      per_image.device_loop(eng, todo, load, finish, done, threads, post, max_pending=ic.max_pending)
+    return {'compilations': eng.compilations}
+
+  return per_image.run('infer', list(zip(ids, labels)), lambda it: layout.per_image_outputs(config, 'infer', it[0]),
+                       work, force, inputs=lambda it: [layout.image_path(config, it[0])])

@@ -1,8 +1,9 @@
 """Segmentation evaluation: confusion matrices, IoU, and the CAM background-threshold curve (SEAM_SPEC section 5).
 
-Predictions are either `.png` label maps or `.npy` CAM dicts {class 0..19: HxW}. A CAM dict becomes a label map
-by the original's rule: a zero-filled (21, H, W) tensor, class c at channel c + 1, channel 0 = the threshold t,
-prediction = np.argmax (ties -> lowest index, so a tie with t goes to background). The original re-reads every file
+Predictions are `.png` label maps, `.npy` CAM dicts or `.npy` CRF score dicts (seam_jax.infer.score_dicts). A CAM
+dict becomes a label map by the original's rule (score_dicts.threshold_label): a zero-filled (21, H, W) tensor,
+class c at channel c + 1, channel 0 = the threshold t, prediction = np.argmax (ties -> lowest index, so a tie with t
+goes to background). The original re-reads every file
 for each of its 60 thresholds; here one pass yields the confusion matrices of all thresholds at once (see
 `threshold_confusions`).
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from seam_jax import layout
 from seam_jax.common import distributed, errors, files, pools
 from seam_jax.data import voc
+from seam_jax.infer import score_dicts
 
 NC = voc.NUM_CLASSES
 EPS = 1e-10
@@ -46,24 +48,6 @@ def confusion(gt, pred):
   return np.bincount(gt[keep].astype(np.int64) * (NC + 1) + pred, minlength=NC * (NC + 1)).reshape(NC, NC + 1)
 
 
-def cam_tensor(cam_dict, hw, path='cam dict'):
-  """Zero-filled (20, H, W) float32 of a CAM dict (class c at channel c); checks keys and shapes."""
-  t = np.zeros((voc.NUM_FG,) + tuple(hw), np.float32)
-  for c, v in cam_dict.items():
-    if not (isinstance(c, (int, np.integer)) and 0 <= c < voc.NUM_FG):
-      raise errors.DataError(f'{path}: key {c!r} is not a foreground class index 0..19')
-    if np.shape(v) != tuple(hw):
-      raise errors.DataError(f'{path}: class {c} has shape {np.shape(v)}, ground truth is {tuple(hw)}')
-    t[c] = v
-  return t
-
-
-def cam_to_label(cam_dict, hw, bg):
-  """Label map (uint8 HxW) of a CAM dict with a constant background score `bg` (np.argmax semantics)."""
-  t = cam_tensor(cam_dict, hw)
-  return np.argmax(np.concatenate([np.full((1,) + tuple(hw), bg, np.float32), t]), 0).astype(np.uint8)
-
-
 def threshold_confusions(cam_dict, gt, ts, path='cam dict'):
   """(T, 21, 22) confusion matrices of one CAM dict for every threshold of ascending `ts`, in one pass.
 
@@ -71,7 +55,7 @@ def threshold_confusions(cam_dict, gt, ts, path='cam dict'):
   float32(t) < m, else 0. So a pixel predicts a for the first n = #{t < m} thresholds and 0 after: one bincount of
   (n, gt, a) and cumulative sums over n give every threshold's matrix.
   """
-  t = cam_tensor(cam_dict, gt.shape, path)
+  t = score_dicts.stack(cam_dict, gt.shape, path=path)
   keep = gt.reshape(-1) != voc.IGNORE
   g = gt.reshape(-1)[keep].astype(np.int64)
   m = t.max(0).reshape(-1)[keep]
@@ -101,29 +85,14 @@ def scores(conf):
           'present': present, 'fp': (p - tp) / union, 'fn': (t - tp) / union}
 
 
-def score_dict_label(score_dict, hw, path='score dict'):
-  """Label map (uint8 HxW) of a dict {label 0..20: HxW score} (a CRF output: 0 = background): the key of the
-  highest score (first key in dict order at ties, np.argmax semantics)."""
-  keys = list(score_dict)
-  bad = [k for k in keys if not (isinstance(k, (int, np.integer)) and 0 <= k < NC)]
-  if not keys or bad:
-    raise errors.DataError(f'{path}: keys {keys!r} are not labels 0..{NC - 1}')
-  v = np.stack([np.asarray(score_dict[k], np.float32) for k in keys])
-  if v.shape[1:] != tuple(hw):
-    raise errors.DataError(f'{path}: scores have shape {v.shape[1:]}, ground truth is {tuple(hw)}')
-  return np.asarray(keys, np.uint8)[np.argmax(v, 0)]
-
-
 def _file_confusion(item, pred_type, ts):
   """Confusion(s) of one id: (T, 21, 22) for npy CAM dicts, (1, 21, 22) for crf score dicts and png labels."""
   pred_path, gt_path = item
   gt = voc.load_mask(gt_path)
   if pred_type in ('npy', 'crf'):
-    d = files.load_npy_dict(pred_path)
-    if not isinstance(d, dict):
-      raise errors.DataError(f'{pred_path} does not hold a dict class -> score map')
+    d = score_dicts.read(pred_path, gt.shape, score_dicts.SCORES if pred_type == 'crf' else score_dicts.CAM)
     if pred_type == 'crf':
-      return confusion(gt, score_dict_label(d, gt.shape, pred_path))[None]
+      return confusion(gt, score_dicts.scores_label(d, gt.shape))[None]
     return threshold_confusions(d, gt, ts, pred_path)
   if not os.path.isfile(pred_path):
     raise errors.DataError(f'prediction not found: {pred_path}')
@@ -213,16 +182,19 @@ def plot_curve(res, path):
   plt.close(fig)
 
 
-def evaluate(config):
-  """Evaluate config.eval.pred_dir ('' = infer.cam_dir) on config.eval.list; write results.json (+ curve PNG).
-  With several processes all share the reading, process 0 writes, and all return the same results."""
+def evaluate(config, pred_dir=None, pred_type=None, list_name=None, out_dir=None):
+  """Evaluate the predictions in `pred_dir` of `pred_type` on the list `list_name` (defaults: eval.pred_dir ('' =
+  infer.cam_dir), eval.pred_type, eval.list); write results.json (+ curve PNG) into `out_dir` (default
+  layout.eval_dir). With several processes all share the reading, process 0 writes, and all return the same
+  results."""
   e = config.eval
-  ids = layout.read_ids(config, e.list)
-  pred_dir, gt_dir, out_dir = layout.eval_pred_dir(config), layout.gt_dir(config), layout.eval_dir(config)
-  ts = thresholds(e.thresholds) if e.pred_type == 'npy' else None
-  confs = accumulate(pred_dir, gt_dir, ids, e.pred_type, ts if ts is not None else (1.,), e.workers)
+  pred_dir, pred_type = pred_dir or layout.eval_pred_dir(config), pred_type or e.pred_type
+  ids = layout.read_ids(config, list_name or e.list)
+  gt_dir, out_dir = layout.gt_dir(config), out_dir or layout.eval_dir(config)
+  ts = thresholds(e.thresholds) if pred_type == 'npy' else None
+  confs = accumulate(pred_dir, gt_dir, ids, pred_type, ts if ts is not None else (1.,), e.workers)
   res = summarize(confs, ts)
-  res.update(pred_dir=pred_dir, gt_dir=gt_dir, pred_type=e.pred_type, num_images=len(ids))
+  res.update(pred_dir=pred_dir, gt_dir=gt_dir, pred_type=pred_type, num_images=len(ids))
   if distributed.is_main():
     files.atomic_write_text(os.path.join(out_dir, 'results.json'), json.dumps(res, indent=1))
     if ts is not None:

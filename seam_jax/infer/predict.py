@@ -1,8 +1,9 @@
 """Segment ordinary image files (any folder or list, not only VOC ids) with an exported segmentation model.
 
-Per readable image: the test of seam_jax.infer.seg_inference (config.seg scales, flip, CRF), written as
-<out>/<name>.png (VOC palette label map) and <out>/<name>_overlay.png (the image and the labels blended over it,
-side by side). A file that cannot be read is reported (one line naming it) and skipped; the others complete.
+Per readable image: the test of seam_jax.infer.seg_inference (config.seg scales, flip, CRF; an image whose longer
+side is above seg.max_side is tested downscaled to it, the labels resized back), written as <out>/<name>.png (VOC
+palette label map, the image's size) and <out>/<name>_overlay.png (the original image and the labels blended over
+it, side by side). A file that cannot be read is reported (one line naming it) and skipped; the others complete.
 Inputs: image files, folders (their image files, sorted) and .txt lists (one path per line, relative to the list's
 folder). Output names are the file stems, made unique with a counter when two inputs share one. With several
 processes (jax.distributed) each segments its share of the inputs (distributed.process_share), writing into the
@@ -13,7 +14,7 @@ import os
 import numpy as np
 
 from seam_jax import layout
-from seam_jax.common import distributed, errors, files, visual
+from seam_jax.common import errors, files, per_image, visual
 from seam_jax.data import seg_data
 from seam_jax.infer import seg_inference
 
@@ -49,18 +50,29 @@ def output_names(paths):
   return names
 
 
-def side_by_side(img, label):
-  """The image and the label colours blended over it, next to each other (uint8 RGB)."""
-  return np.concatenate([img, visual.label_overlay(img, label)], axis=1)
+def side_by_side(img, label, rows=256):
+  """The image and the label colours blended over it, next to each other (uint8 RGB). Blended in strips of `rows`
+  rows: visual.label_overlay's float32 temporaries stay a strip's, not a large photo's (issue 21)."""
+  h, w = label.shape
+  out = np.empty((h, 2 * w, 3), np.uint8)
+  out[:, :w] = img
+  for r in range(0, h, rows):
+    out[r:r + rows, w:] = visual.label_overlay(img[r:r + rows], label[r:r + rows])
+  return out
+
+
+def _outputs(out_dir, name):
+  """The label PNG and the overlay written for the input named `name`."""
+  return [os.path.join(out_dir, name + '.png'), os.path.join(out_dir, name + '_overlay.png')]
 
 
 def run_predict(config, inputs, out_dir=None, weights=None):
   """Segment every image of `inputs` into `out_dir` (default layout.predict_dir) with the weights at `weights`
-  (default layout.seg_weights). Returns this process's {'written': [names], 'failed': [(path, message)]}."""
+  (default layout.seg_weights), all of them again on every call (a tool, not a resuming stage). Returns this
+  process's {'written': [names], 'failed': [(path, message)]} and its seam_jax.common.per_image stats."""
   out_dir = out_dir or layout.predict_dir(config)
   paths = collect_inputs(inputs)
-  items = distributed.process_share(list(zip(paths, output_names(paths))))  # names from the whole list: unique
-  engine = seg_inference.load_engine(config, weights)
+  items = list(zip(paths, output_names(paths)))  # names from the whole list: unique
   result = {'written': [], 'failed': []}
 
   def load(item):
@@ -73,13 +85,17 @@ def run_predict(config, inputs, out_dir=None, weights=None):
   def save(name, payload, img, label):
     if img is None:
       result['failed'].append(payload)
-      return
-    files.save_label_png(os.path.join(out_dir, name + '.png'), label)
-    files.save_rgb_png(os.path.join(out_dir, name + '_overlay.png'), side_by_side(img, label))
+      return 0
+    label_path, overlay_path = _outputs(out_dir, name)
+    files.save_label_png(label_path, label)
+    files.save_rgb_png(overlay_path, side_by_side(img, label))
     result['written'].append(name)
+    return 2
 
-  s = config.seg
-  seg_inference.segment(engine, seg_inference.SegTestOptions.from_config(s), items, load, save, s.threads,
-                        s.max_pending, desc='predict')
-  distributed.barrier('predict')
-  return result
+  def work(todo, done):
+    s = config.seg
+    seg_inference.segment(seg_inference.load_engine(config, weights), seg_inference.SegTestOptions.from_config(s),
+                          todo, load, lambda *args: done(save(*args)), s.threads, s.max_pending, desc='predict')
+
+  stats = per_image.run('predict', items, lambda item: _outputs(out_dir, item[1]), work, force=True, progress=False)
+  return dict(result, **stats)

@@ -14,23 +14,20 @@ The original squares the dense T logt times (logt dense n^3 products). T has at 
   * JAX (jit, float32, on the accelerator): `walk_jax` with method 'sparse' (gather + sorted segment_sum) or
     'dense' (squaring, matmul precision HIGHEST).
 """
-import concurrent.futures
 import functools
 import os
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
-import tqdm
 
 from seam_jax import layout
 from seam_jax import models
-from seam_jax.common import bucketing, distributed, errors, files, ops, pools
+from seam_jax.common import bucketing, files, ops, per_image, pools
 from seam_jax.common.bucketing import STRIDE, grid_size
 from seam_jax.data import voc
-from seam_jax.data.voc import NUM_CLASSES
+from seam_jax.infer import score_dicts
 from seam_jax.models import convert
 from seam_jax.models.affinity import effective_radius, pair_affinity, pair_indices
 from seam_jax.train.affinity_labels import block_mean
@@ -46,19 +43,11 @@ def pad_image(img, size):
   return np.pad(img, ((0, size[0] - img.shape[0]), (0, size[1] - img.shape[1]), (0, 0)))
 
 
-def cam_scores(cam, h, w, alpha):
-  """CAM dict {c (0..19): HxW} -> (h, w, 21) float32: channel c+1 = CAM c (absent: 0), channel 0 =
-  (1 - max_c cam_c) ** alpha."""
-  out = np.zeros((h, w, NUM_CLASSES), np.float32)
-  for c, v in cam.items():
-    out[..., int(c) + 1] = v
-  out[..., 0] = (1. - out[..., 1:].max(-1)) ** np.float32(alpha)
-  return out
-
-
 def pooled_cams(cam, h, w, alpha):
-  """The walk's start: cam_scores zero-padded to multiples of 8 and 8x8 average pooled -> (21, dh, dw)."""
-  return np.moveaxis(block_mean(cam_scores(cam, h, w, alpha), STRIDE), -1, 0)
+  """The walk's start: the CAM dict's dense channels with background (score_dicts.dense_power_stack), zero-padded
+  to multiples of 8 and 8x8 average pooled -> (21, dh, dw)."""
+  dense = np.ascontiguousarray(np.moveaxis(score_dicts.dense_power_stack(cam, (h, w), alpha), 0, -1))
+  return np.moveaxis(block_mean(dense, STRIDE), -1, 0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -226,93 +215,74 @@ def make_step(model, config, backend):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Driver: every image of config.rw.list -> <out_dir>/<id>.png (+ optional <id>.npy score dict).
+# Driver: every image of config.rw.list -> <out_dir>/<id>.png (+ with rw.save_scores the <id>.npy score dict).
 def load_cams(path, hw, alpha):
-  """Pooled walk input (21, dh, dw) from a CAM dict file, checking its maps match the image size."""
-  cam = files.load_npy_dict(path)
-  bad = [c for c, v in cam.items() if np.shape(v) != tuple(hw) or not 0 <= int(c) < voc.NUM_FG]
-  if bad:
-    raise errors.DataError(f'{path}: CAM entries {bad[:3]} are not classes 0..19 of the image size {tuple(hw)}')
+  """(CAM dict, pooled walk input (21, dh, dw)) of a CAM file, checked against the image size."""
+  cam = score_dicts.read(path, hw)
   return cam, pooled_cams(cam, *hw, alpha)
 
 
-def save_result(out_dir, image_id, label, scores, cam, save_scores):
-  """<id>.npy (dict {0: bg, c+1: class c} of walk scores, present classes only; optional), then <id>.png (the
-  resume marker, so it goes last)."""
-  if save_scores:
-    files.save_npy_dict(os.path.join(out_dir, image_id + '.npy'),
-                        {0: scores[0], **{int(c) + 1: scores[int(c) + 1] for c in sorted(cam)}})
-  files.save_label_png(os.path.join(out_dir, image_id + '.png'), label)
+def save_result(paths, label, scores, cam):
+  """paths (label PNG, score file or None): the score dict {0: bg, c+1: class c} of the present classes (when
+  asked), then the label PNG. Returns the number of files written."""
+  label_path, score_path = paths
+  if score_path:
+    score_dicts.write(score_path, {0: scores[0], **{int(c) + 1: scores[int(c) + 1] for c in sorted(cam)}},
+                      label.shape, score_dicts.SCORES)
+  files.save_label_png(label_path, label)
+  return 1 + bool(score_path)
 
 
-def _host_walk(job):
-  """Worker (backend numpy): the NumPy walk of one image from its pair affinities, saved. Returns the id."""
-  image_id, aff, hw, cam_path, rw, radius = job
-  cam, cams = load_cams(cam_path, hw, rw['alpha'])
-  walked = random_walk_numpy(aff, cams, walk_radius(*hw, radius), rw['beta'], rw['logt'])
+def _host_walk(result, walk, radius):
+  """Worker (backend numpy): the NumPy walk of one image from its pair affinities, saved; returns files written."""
+  _, (hw, cam_path, paths), [(aff, _)] = result
+  cam, cams = load_cams(cam_path, hw, walk['alpha'])
+  walked = random_walk_numpy(aff, cams, walk_radius(*hw, radius), walk['beta'], walk['logt'])
   label, scores = labels_numpy(walked, hw)
-  save_result(rw['out_dir'], image_id, label, scores, cam, rw['save_scores'])
-  return image_id
+  return save_result(paths, label, scores, cam)
 
 
-def _save_device_walk(result, out_dir, save_scores):
+def _save_device_walk(result):
   """Backend jax: save the labels (and scores) the device computed, cropped to the image by the scheduler."""
-  image_id, cam, [((label, scores), _)] = result
-  save_result(out_dir, image_id, label, None if scores is None else np.moveaxis(scores, -1, 0), cam, save_scores)
-  return image_id
+  _, (_, cam, paths), [((label, scores), _)] = result
+  return save_result(paths, label, None if scores is None else np.moveaxis(scores, -1, 0), cam)
 
 
-def run(config):
-  """Random walk over config.rw.list with the AffinityNet export; skips finished ids unless config.rw.force. With
-  several processes each walks its share (distributed.process_share) and all meet at a barrier at the end."""
-  _walk_share(config)
-  distributed.barrier('random_walk')
+def run(config, *, force=False):
+  """Random walk over config.rw.list with the AffinityNet export (seam_jax.common.per_image: this process's share,
+  the images whose label PNG or, with rw.save_scores, score file is missing, or all with `force`; a barrier at the
+  end). Returns this process's stats (per_image.run)."""
+  outputs = lambda i: layout.per_image_outputs(config, 'rw', i)
+  return per_image.run('rw', layout.read_ids(config, config.rw.list), outputs, functools.partial(_walk, config), force,
+                       inputs=lambda i: [layout.rw_cam_path(config, i)])
 
 
-def _walk_share(config):
+def _walk(config, todo, done):
+  """The walk of the ids of `todo`: AffinityNet on the devices, the walk there (backend jax) or in a process pool
+  of rw.workers (numpy); done(files) per image."""
   rw = config.rw
-  ids = layout.read_ids(config, rw.list)
-  cam_dir, out_dir = layout.rw_cam_dir(config), layout.rw_dir(config)
-  done = lambda i: not rw.force and os.path.exists(os.path.join(out_dir, i + '.png'))
-  cam_path = lambda i: os.path.join(cam_dir, i + '.npy')
-  # Checked over the whole list, so that every process stops with the same error (an image without its CAM is
-  # never done, whichever process owns it).
-  missing = [cam_path(i) for i in ids if not done(i) and not os.path.isfile(cam_path(i))]
-  if missing:
-    raise errors.DataError(f'{len(missing)} CAM files missing in {cam_dir}, e.g. {missing[0]}')
-  share = distributed.process_share(ids)
-  todo = [i for i in share if not done(i)]
-  logging.info('random walk: %d of %d images of this process (%d in the list) to do -> %s (backend %s)', len(todo),
-               len(share), len(ids), out_dir, rw.backend)
-  if not todo:
-    return
   variables = convert.load_variables(layout.affinity_weights(config), 'affinity', config.model)
   loop = bucketing.DeviceLoop(make_step(models.build('affinity', config.model), config, rw.backend), variables,
                               rw.batch_size, fast_compile=config.model.get('fast_compile', False))
   sizes = {i: files.image_size(layout.image_path(config, i)) for i in todo}
-  todo.sort(key=lambda i: bucketing.padded_size(*sizes[i]))   # equal padded sizes in a row: full batches
+  todo = sorted(todo, key=lambda i: bucketing.padded_size(*sizes[i]))   # equal padded sizes in a row: full batches
   on_host = rw.backend == 'numpy'
+  paths = lambda i: (layout.rw_path(config, i), layout.rw_score_path(config, i) if rw.save_scores else None)
 
   def load(i):
     hw = sizes[i]
     arrays = {'image': pad_image(voc.normalize(files.load_image(layout.image_path(config, i))),
                                  bucketing.padded_size(*hw))}
     if on_host:
-      return i, None, [bucketing.Piece(arrays)]
-    cam, arrays['cams'] = load_cams(cam_path(i), hw, rw.alpha)
-    return i, cam, [bucketing.Piece(arrays, crop=hw)]
+      return i, (hw, layout.rw_cam_path(config, i), paths(i)), [bucketing.Piece(arrays)]
+    cam, arrays['cams'] = load_cams(layout.rw_cam_path(config, i), hw, rw.alpha)
+    return i, (hw, cam, paths(i)), [bucketing.Piece(arrays, crop=hw)]
 
-  job_rw = dict({k: rw[k] for k in ('alpha', 'beta', 'logt', 'save_scores')}, out_dir=out_dir)
   if on_host:
-    finish = _host_walk
-    jobs = lambda results: ((i, aff, sizes[i], cam_path(i), job_rw, config.aff.radius)
-                            for i, _, [(aff, _)] in results)
+    finish = functools.partial(_host_walk, walk={k: rw[k] for k in ('alpha', 'beta', 'logt')},
+                               radius=config.aff.radius)
   else:
-    finish = functools.partial(_save_device_walk, out_dir=out_dir, save_scores=rw.save_scores)
-    jobs = lambda results: results
+    finish = _save_device_walk
   workers = (int(rw.workers) or os.cpu_count()) if on_host else 1
-  with concurrent.futures.ThreadPoolExecutor(2) as reader, pools.process_pool(workers) as pool:
-    results = bucketing.schedule(loop, pools.prefetch(load, todo, reader, 4), max_pending=4 * loop.batch_size)
-    for _ in tqdm.tqdm(pools.prefetch(finish, jobs(results), pool, 2 * workers), total=len(todo),
-                       desc='random walk'):
-      pass
+  with pools.process_pool(workers) as pool:
+    per_image.device_loop(loop, todo, load, finish, done, 2, pool, 2 * workers, max_pending=4 * loop.batch_size)

@@ -10,6 +10,11 @@ compat 3, bilateral sxy 32 srgb 13 compat 10, on the de-normalised input truncat
 is written as a palette PNG <seg_pred_dir>/<id>.png (scored by the eval_seg stage: seam_jax.infer.evaluation, pred_type
 png).
 
+Bounded memory (issue 21): an image whose longer side is above seg.max_side (0: no limit) is tested at that size
+(`bound_image`: the cv2 INTER_AREA downscale of the uint8 image, keeping its aspect) and its label map is brought
+back to the image size (cv2 INTER_NEAREST), so views, fused logits, softmax and CRF stay of bounded size whatever
+the photo's pixel count. VOC images (<= 500 pixels a side) are within the default limit: the recipe is unchanged.
+
 Throughput: views of many images are zero-padded to multiples of seg.bucket and batched by padded shape
 (seam_jax.common.bucketing). The padding is exact: every spatial conv's input is zeroed outside the view's valid
 region (the masking of seam_jax.models.seam's padded inference), so each view's stride-8 logits on [:ceil(h/8),
@@ -18,10 +23,7 @@ With several processes each one does its share of the list.
 """
 import concurrent.futures
 import dataclasses
-import os
-import time
 
-from absl import logging
 import cv2
 import flax.linen as nn
 import numpy as np
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from seam_jax import layout
 from seam_jax import models
-from seam_jax.common import bucketing, distributed, files, pools
+from seam_jax.common import bucketing, files, per_image, pools
 from seam_jax.data import seg_data
 from seam_jax.infer import cam_inference, crf
 from seam_jax.models import convert
@@ -59,13 +61,36 @@ class SegTestOptions:
   bucket: int = 64
   crf: bool = True
   crf_iters: int = 1
+  max_side: int = 1000   # longer image side the test runs at (bound_image); 0 = no limit
 
   @classmethod
   def from_config(cls, seg_config):
     s = seg_config
     if not s.scales:
       raise ValueError('seg.scales is empty')
-    return cls(tuple(float(v) for v in s.scales), bool(s.flip), int(s.bucket), bool(s.crf), int(s.crf_iters))
+    if int(s.max_side) < 0:
+      raise ValueError(f'seg.max_side is {s.max_side} (0 = no limit)')
+    return cls(tuple(float(v) for v in s.scales), bool(s.flip), int(s.bucket), bool(s.crf), int(s.crf_iters),
+               int(s.max_side))
+
+
+def bounded_size(h, w, max_side):
+  """(h, w) scaled down so that the longer side is max_side (aspect kept, each side >= 1); (h, w) itself when
+  max_side is 0 or not exceeded."""
+  if max_side <= 0 or max(h, w) <= max_side:
+    return h, w
+  f = max_side / max(h, w)
+  return max(1, round(h * f)), max(1, round(w * f))
+
+
+def bound_image(img, max_side):
+  """The image the test runs on: `img` itself within max_side, else its cv2 INTER_AREA resize to bounded_size.
+  Done on the uint8 image, before normalisation: INTER_AREA averages the pixels each output pixel covers (an
+  antialiased downscale, where bilinear or cubic would alias a large reduction) and the full-size float32 copy of
+  the image is never made."""
+  h, w = img.shape[:2]
+  bh, bw = bounded_size(h, w, max_side)
+  return img if (bh, bw) == (h, w) else cv2.resize(img, (bw, bh), interpolation=cv2.INTER_AREA)
 
 
 def multiscale_views(img_norm, scales, flip):
@@ -94,15 +119,20 @@ def prepare_views(img_norm, opts):
 
 
 def fuse_logits(outs, hw):
-  """Mean over the views of their logits at the image size: outs [(stride-8 logits (h8, w8, C), ((h, w), flipped))]
-  -> (C, H, W) float32 (align_corners=True twice, as one matrix per axis; mirrored views un-flipped)."""
+  """Mean over the views of their logits at the size hw of the image they were made of (the bounded one: see
+  bound_image): outs [(stride-8 logits (h8, w8, C), ((h, w), flipped))] -> (C, H, W) float32 (align_corners=True
+  twice, as one matrix per axis; mirrored views un-flipped)."""
   acc = None
   for logits, (vhw, flipped) in outs:
     mh = cam_inference.upsample_matrix(logits.shape[0], vhw[0], hw[0], False, True)
     mw = cam_inference.upsample_matrix(logits.shape[1], vhw[1], hw[1], bool(flipped), True)
     up = mh @ np.moveaxis(np.asarray(logits, np.float32), -1, 0) @ mw.T
-    acc = up if acc is None else acc + up
-  return acc / np.float32(len(outs))
+    if acc is None:
+      acc = up
+    else:
+      acc += up   # in place: one (C, H, W) accumulator and one view's upsampling alive at a time
+  acc /= np.float32(len(outs))
+  return acc
 
 
 def softmax(logits, axis=0):
@@ -110,29 +140,36 @@ def softmax(logits, axis=0):
   return e / e.sum(axis, keepdims=True)
 
 
-def label_map(img_norm, outs, opts):
-  """uint8 (H, W) class map of one image from its views' outputs (module doc: fuse, softmax, CRF, argmax)."""
+def label_map(img_norm, outs, opts, size=None):
+  """uint8 class map of one image from its views' outputs (module doc: fuse, softmax, CRF, argmax) at the size of
+  `img_norm` (the image the views were made of), then resized to `size` (H, W) if given: cv2 INTER_NEAREST, the
+  labels of an image tested at its bounded size (bound_image) brought back to the original's."""
   probs = softmax(fuse_logits(outs, img_norm.shape[:2]))
   if opts.crf:
     probs = crf.crf_inference(seg_data.denormalize_uint8(img_norm), probs, opts.crf_iters, probs.shape[0],
                               bi_sxy=CRF_BILATERAL_SXY)
-  return np.argmax(probs, axis=0).astype(np.uint8)
+  label = np.argmax(probs, axis=0).astype(np.uint8)
+  if size is not None and tuple(size) != label.shape:
+    label = cv2.resize(label, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
+  return label
 
 
 def segment(engine, opts, items, load, save, threads=2, max_pending=8, desc='seg'):
   """Segment `items` through `engine`: load(item) -> (key, payload, uint8 RGB image or None), then on host threads
-  save(key, payload, image, label) (label None, without device work, for an item whose image is None). Views of
-  different images share batches (bucketing.schedule); up to `threads` images are prepared and finished at once."""
+  save(key, payload, image, label) (label None, without device work, for an item whose image is None). The test
+  runs on bound_image(image, opts.max_side); `save` gets the original image and its label map at the original size.
+  Views of different images share batches (bucketing.schedule); up to `threads` images are prepared and finished at
+  once."""
   def prepare(item):
     key, payload, img = load(item)
     if img is None:
       return key, (payload, None, None), []
-    norm = seg_data.normalize32(img)
+    norm = seg_data.normalize32(bound_image(img, opts.max_side))
     return key, (payload, img, norm), prepare_views(norm, opts)
 
   def finish(result):
     key, (payload, img, norm), outs = result
-    save(key, payload, img, None if img is None else label_map(norm, outs, opts))
+    save(key, payload, img, None if img is None else label_map(norm, outs, opts, img.shape[:2]))
 
   threads = max(int(threads), 1)
   with concurrent.futures.ThreadPoolExecutor(threads) as prep, concurrent.futures.ThreadPoolExecutor(threads) as post:
@@ -147,26 +184,24 @@ def load_engine(config, weights=None):
   return SegEngine(variables, config.model, config.seg.test_batch_size)
 
 
-def run_test(config, engine=None):
-  """Label PNGs of config.seg.test_list in layout.seg_pred_dir for every id not done yet (all with seg.force); with
-  several processes each does its share and all meet at a barrier. Returns this process's stats."""
+def run_test(config, *, force=False, engine=None):
+  """Label PNGs of config.seg.test_list in layout.seg_pred_dir (seam_jax.common.per_image: this process's share, the
+  ids not done yet or all with `force`, a barrier at the end). Returns this process's stats (+ compilations)."""
   s = config.seg
   opts = SegTestOptions.from_config(s)
-  ids = layout.read_ids(config, s.test_list)
-  out_dir = layout.seg_pred_dir(config)
-  share = distributed.process_share(ids)
-  todo = [i for i in share if s.force or not os.path.isfile(os.path.join(out_dir, i + '.png'))]
-  stats = {'images': len(todo), 'skipped': len(share) - len(todo), 'seconds': 0., 'img_per_s': 0.}
-  if todo:
-    engine = engine or load_engine(config)
+
+  def work(todo, done):
+    eng = engine or load_engine(config)
+
+    def save(image_id, _, img, label):
+      del img
+      files.save_label_png(layout.seg_pred_path(config, image_id), label)
+      done(1)
     load = lambda i: (i, None, seg_data.load_image_cv2(layout.image_path(config, i)))
-    save = lambda i, _, img, label: files.save_label_png(os.path.join(out_dir, i + '.png'), label)
-    t0 = time.time()
-    segment(engine, opts, todo, load, save, s.threads, s.max_pending, desc='test_seg')
-    dt = time.time() - t0
-    stats.update(seconds=dt, img_per_s=len(todo) / dt, compilations=engine.compilations)
-  logging.info('test_seg: %d images segmented, %d already done; labels in %s', stats['images'], stats['skipped'],
-               out_dir)
-  distributed.barrier('test_seg')
-  return stats
+    segment(eng, opts, todo, load, save, s.threads, s.max_pending, desc='test_seg')
+    return {'compilations': eng.compilations}
+
+  return per_image.run('test_seg', layout.read_ids(config, s.test_list),
+                       lambda i: layout.per_image_outputs(config, 'test_seg', i), work, force,
+                       inputs=lambda i: [layout.image_path(config, i)], progress=False)   # segment draws its bar
 

@@ -10,22 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from seam_jax.common.bucketing import STRIDE
-from seam_jax.common.errors import DataError
 from seam_jax.data.voc import IGNORE
+from seam_jax.infer import score_dicts
 from seam_jax.models.affinity import effective_radius, shifted_pairs
 
 EPS = 1e-5
 
 
 def score_stack(scores, path='scores'):
-  """A CRF dict {0: bg, c+1: fg probs} (HxW each) -> (H, W, K) float32, channels in key order (0 = background)."""
-  if not isinstance(scores, dict) or 0 not in scores:
-    raise DataError(f'{path} is not a CRF score dict with a background entry 0')
-  keys = sorted(scores)
-  shapes = {np.shape(scores[k]) for k in keys}
-  if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-    raise DataError(f'{path}: score maps must all be HxW of one size, got {sorted(shapes)}')
-  return np.stack([np.asarray(scores[k], np.float32) for k in keys], axis=-1)
+  """A CRF score dict {0: bg, c+1: fg probs} (HxW each; checked by seam_jax.infer.score_dicts) -> (H, W, K)
+  float32, channels in key order (0 = background)."""
+  score_dicts.validate(scores, path, kind=score_dicts.SCORES)
+  return np.stack([np.asarray(scores[k], np.float32) for k in sorted(scores)], axis=-1)
 
 
 def block_mean(x, k=STRIDE):

@@ -20,18 +20,16 @@ from seam_jax import layout
 from seam_jax.common import errors, files
 from seam_jax.data import augment, device_augment, input_pipeline
 from seam_jax.models.affinity import effective_radius, pair_affinity
+from seam_jax.infer import score_dicts
 from seam_jax.train import affinity_labels, trainer
 
 
 def load_scores(la_path, ha_path, hw):
   """(la, ha) (H, W, K) score stacks of one image; files must exist, hold the same classes and match the image."""
-  la_dict, ha_dict = files.load_npy_dict(la_path), files.load_npy_dict(ha_path)
+  la_dict, ha_dict = (score_dicts.read(p, hw, score_dicts.SCORES) for p in (la_path, ha_path))
   if sorted(la_dict) != sorted(ha_dict):
     raise errors.DataError(f'{la_path} and {ha_path} hold different classes: {sorted(la_dict)} vs {sorted(ha_dict)}')
-  la, ha = affinity_labels.score_stack(la_dict, la_path), affinity_labels.score_stack(ha_dict, ha_path)
-  if la.shape[:2] != tuple(hw) or ha.shape[:2] != tuple(hw):
-    raise errors.DataError(f'{la_path}: score maps of size {la.shape[:2]} do not match the image size {tuple(hw)}')
-  return la, ha
+  return affinity_labels.score_stack(la_dict, la_path), affinity_labels.score_stack(ha_dict, ha_path)
 
 
 class AffinitySource(input_pipeline.IdSource):
