@@ -4,11 +4,14 @@ A fully-labelled synthetic classification set (seam_jax.data.pretrain_data: one 
 hue bin) stands in for ImageNet; SEAM, AffinityNet and the segmentation net of the demo then start from this
 network's backbone (seam_jax.layout.init_weights) with frozen BatchNorm, as the real recipe starts from ImageNet.
 """
-import ml_collections
+from configs import sections
 
 
 def get_config():
-  p = ml_collections.ConfigDict()
+  # Training (the generic trainer's fields): every layer trained, conv1a and b2* too (the ImageNet net was trained
+  # whole).
+  p = sections.trainer(batch_size=32, epochs=0, max_steps=300, lr=0.02, weight_decay=1e-4, momentum=0.9,
+                       frozen_layers=(), log_every=25, ckpt_every=100, keep_checkpoints=2)
   p.enabled = True                  # False: the demo trains from scratch (model.calibrate_bn) as before issue 15
   # The set (seam_jax.data.pretrain_data), drawn from config.seed.
   p.num_images = 4096
@@ -26,22 +29,6 @@ def get_config():
   # boundary of two. Measured on the other class subset (issue 15): CAM mIoU 91.6 against 74.6 with edge bins, and
   # the subset's dog class, never localised with edge bins, at 84 after the walk.
   p.centred_bins = True
-  # Training (the generic trainer's fields, as config.train).
-  p.batch_size = 32
-  p.epochs = 0
-  p.max_steps = 300
-  p.lr = 0.02
-  p.weight_decay = 1e-4
-  p.momentum = 0.9
-  p.fix_momentum = False
-  p.fixed_momentum = 0.9
-  p.poly_power = 0.9
-  p.frozen_layers = ()              # train every layer, conv1a and b2* too (the ImageNet net was trained whole)
   p.bn_momentum = 0.9               # running statistics: EMA of the batch statistics
   p.dropout = False
-  p.log_every = 25
-  p.ckpt_every = 100
-  p.keep_checkpoints = 2
-  p.image_summaries = False
-  p.fast_compile = False
   return p

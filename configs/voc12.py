@@ -5,6 +5,8 @@ Every stage reads this one config; override any field on the command line, e.g.
 """
 import ml_collections
 
+from configs import sections
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -33,33 +35,14 @@ def get_config():
   c.data.aff_canvas = 512           # AffinityNet's device canvas side (no resize there): >= the largest image side
 
   # Models (sections 1, 2, 6).
-  c.model = ml_collections.ConfigDict()
-  c.model.width_div = 1             # divide every channel count (tests use narrow nets of the same code)
-  c.model.dtype = 'float32'         # compute dtype: 'float32' or 'bfloat16' (params stay float32)
-  c.model.init_weights = ''         # ImageNet ResNet38: MXNet .params, converted .npz/.pth, or '' (random)
-  c.model.calibrate_bn = False      # without init_weights: set the frozen BN statistics from one data batch
-  c.model.fast_compile = False      # CPU only: inference (CAMs, random walk, seg test) compiled without LLVM opt.
+  c.model = sections.model()
 
-  # SEAM training (section 3).
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 8            # global batch over all devices and hosts
-  c.train.epochs = 8
-  c.train.max_steps = -1            # -1: floor(len(list) / batch) * epochs
-  c.train.lr = 0.01
-  c.train.weight_decay = 5e-4
-  c.train.momentum = 0.0005         # QUIRK: the original's momentum slot holds the weight decay value
-  c.train.fix_momentum = False      # True: use `fixed_momentum` instead (the intended SGD momentum)
-  c.train.fixed_momentum = 0.9
-  c.train.poly_power = 0.9
-  c.train.frozen_layers = ('conv1a', 'b2', 'b2_1', 'b2_2')  # backbone layers never trained (the original's)
+  # SEAM training (section 3): the trainer's fields (configs/sections.py: batch 8 over all devices and hosts,
+  # 8 epochs, lr 0.01, weight decay 5e-4, the QUIRK momentum 0.0005, poly 0.9, frozen conv1a and b2*) and SEAM's own.
+  c.train = sections.trainer(image_summaries=True)
   c.train.scale_factor = 0.3        # the equivariant transform: rescale by this factor
   c.train.equivariance = 'rescale'  # 'rescale', 'flip' or 'rot90' (general equivariance constraint)
   c.train.topk_ratio = 0.2          # ECR pixel selection
-  c.train.log_every = 50
-  c.train.ckpt_every = 500
-  c.train.keep_checkpoints = 3
-  c.train.image_summaries = True
-  c.train.fast_compile = False      # CPU only: compile the step without LLVM optimisation (small runs)
 
   # CAM inference and CRF (section 4).
   c.infer = ml_collections.ConfigDict()
@@ -94,31 +77,14 @@ def get_config():
   c.eval.workers = 0                # processes reading predictions; 0 = all cores, 1 = in-process
 
   # AffinityNet training (section 6).
-  c.aff = ml_collections.ConfigDict()
+  c.aff = sections.trainer()        # as SEAM's: batch 8, 8 epochs, lr 0.01, the same QUIRK momentum and frozen layers
   c.aff.train_list = 'train_aug'
   c.aff.la_dir = ''                 # '' = <infer.crf_dir>_4.0
   c.aff.ha_dir = ''                 # '' = <infer.crf_dir>_24.0
   c.aff.radius = 5
   c.aff.crop_size = 448
-  c.aff.batch_size = 8
-  c.aff.epochs = 8
-  c.aff.max_steps = -1
-  c.aff.lr = 0.01
-  c.aff.weight_decay = 5e-4
-  c.aff.init_weights = ''           # ImageNet ResNet38 as for SEAM
   c.aff.normalize_before_crop = False  # False = the original: crop the uint8 image (padding = black, i.e. -mean/std
                                        # once normalised); True: pad 0 in normalised space as in SEAM training
-  # Optimizer and bookkeeping fields the generic trainer reads (same meaning as in c.train).
-  c.aff.momentum = 0.0005           # QUIRK as in c.train
-  c.aff.fix_momentum = False
-  c.aff.fixed_momentum = 0.9
-  c.aff.poly_power = 0.9
-  c.aff.frozen_layers = ('conv1a', 'b2', 'b2_1', 'b2_2')    # as c.train
-  c.aff.log_every = 50
-  c.aff.ckpt_every = 500
-  c.aff.keep_checkpoints = 3
-  c.aff.image_summaries = False
-  c.aff.fast_compile = False
 
   # Random walk (section 7).
   c.rw = ml_collections.ConfigDict()
@@ -137,34 +103,21 @@ def get_config():
   c.rw.save_scores = False
 
   # Segmentation retrain on the random-walk pseudo labels (../shared/RETRAIN_SPEC.md; the authors' SSC code).
-  c.seg = ml_collections.ConfigDict()
+  # The trainer's fields: batch 10 (global), 20000 steps, lr 0.001, momentum 0.9, QUIRK Q5: lr = base * (1 - i /
+  # (max_steps + 1)) ** 0.9, QUIRK Q1: conv1a is trained (the backbone's not_training list never applies);
+  # init_weights '' = model.init_weights (ImageNet .params), or an export folder / .pth.
+  c.seg = sections.trainer(batch_size=10, max_steps=20000, epochs=0, lr=0.001, momentum=0.9, poly_extra_steps=1,
+                           frozen_layers=(), ckpt_every=1000, keep_checkpoints=2)
   c.seg.train_list = 'train_aug'    # the original trains on train_aug: the random walk must cover it (rw.list)
   c.seg.label_dir = ''              # '' = <workdir>/rw (the random-walk PNGs)
-  c.seg.init_weights = ''           # '' = model.init_weights (ImageNet .params); or an export folder / .pth
   c.seg.init_from_seam = False      # with init_weights '': start from this run's SEAM export (its backbone)
   c.seg.crop_size = 448
   c.seg.scale_range = (0.5, 1.5)    # RandomScale, continuous
   c.seg.hsv_deltas = (10, 10, 10)   # RandomHSV: integer deltas in [-d, d] for H (mod 180), S, V
   c.seg.flip_prob = 0.5
-  c.seg.batch_size = 10             # global batch
   c.seg.bn_mode = 'group'           # QUIRK Q1 'group': BN statistics per group of bn_group images (2 GPUs x 5);
   c.seg.bn_group = 5                # 'sync': over the global batch; 'frozen': running statistics (as SEAM)
   c.seg.bn_momentum = 0.9997        # running statistics, Flax convention (PyTorch momentum 0.0003)
-  c.seg.max_steps = 20000
-  c.seg.epochs = 0                  # unused while max_steps > 0
-  c.seg.lr = 0.001
-  c.seg.weight_decay = 5e-4
-  c.seg.momentum = 0.9
-  c.seg.fix_momentum = False
-  c.seg.fixed_momentum = 0.9
-  c.seg.poly_power = 0.9
-  c.seg.poly_extra_steps = 1        # QUIRK Q5: lr = base * (1 - i / (max_steps + 1)) ** 0.9
-  c.seg.frozen_layers = ()          # QUIRK Q1: conv1a is trained (the backbone's not_training list never applies)
-  c.seg.log_every = 50
-  c.seg.ckpt_every = 1000
-  c.seg.keep_checkpoints = 2
-  c.seg.image_summaries = False
-  c.seg.fast_compile = False
   # Test (section 4): 6 scales x flip, mean of the logits, softmax, 1-iteration CRF, argmax PNGs.
   c.seg.test_list = 'val'
   c.seg.checkpoint = ''             # '' = <workdir>/seg/export; or a .pth of the original (deeplabv1 ResNet38)

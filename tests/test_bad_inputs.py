@@ -1,18 +1,23 @@
 """Bad inputs through the real entry points (prepare.py, train.py, infer.py, evaluate.py as subprocesses on a tiny
 demo set): each run exits with status != 0 and one line `error: ...` naming the file or config key, no traceback,
-and leaves every file of its run folder as it was (nothing half-written, other outputs intact)."""
+and leaves every file of its run folder as it was (nothing half-written, other outputs intact). A write the file
+system refuses is one line too (seam_jax.common.cli.one_line_errors, also tested in-process)."""
+import errno
 import hashlib
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import types
 
 import grain
 import jax
 import numpy as np
 import pytest
 
-from seam_jax.common import files
+from seam_jax.common import cli, files
 from seam_jax.data import voc
 from seam_jax.models import convert, weight_files
 from seam_jax.train import checkpoints
@@ -38,12 +43,19 @@ def work(tiny_demo, tmp_path):
   return tmp_path / 'run'
 
 
+# The run's own bookkeeping (seam_jax.runner): the lock, the resolved config, the records (a failed stage's says
+# 'running': it is to be redone). Not outputs: a failed run may write them.
+BOOKKEEPING = ('.lock', 'config.json', 'records' + os.sep)
+
+
 def snapshot(root):
   out = {}
   for d, _, names in os.walk(root):
     for n in names:
-      with open(os.path.join(d, n), 'rb') as f:
-        out[os.path.relpath(os.path.join(d, n), root)] = hashlib.sha1(f.read()).hexdigest()
+      rel = os.path.relpath(os.path.join(d, n), root)
+      if not rel.startswith(BOOKKEEPING):
+        with open(os.path.join(d, n), 'rb') as f:
+          out[rel] = hashlib.sha1(f.read()).hexdigest()
   return out
 
 
@@ -186,6 +198,17 @@ def test_export_of_another_model(work):
   assert path in line and 'affinity' in line
 
 
+def test_damaged_export(work):
+  """An export folder whose weight files were truncated (orbax / tensorstore errors): one line naming it."""
+  path = os.path.join(work, 'seam_export')
+  from seam_jax.models import export  # pylint: disable=g-import-not-at-top
+  export.save_export(path, zero_variables('seam', 32), 'seam', convert.model_config(32))
+  data = os.path.join(path, 'variables', 'd')
+  for name in os.listdir(data):
+    os.truncate(os.path.join(data, name), 10)
+  line = run_bad(work, 'infer.py', '--steps=cam', f'--config.infer.checkpoint={path}')
+  assert os.path.join(path, 'variables') in line and 'damaged export' in line
+
 def test_pth_with_unexpected_keys(work):
   path = os.path.join(work, 'seam.pth')
   sd = convert.variables_to_state_dict(zero_variables('seam', 32), 'seam')
@@ -213,3 +236,67 @@ def test_cam_pickle_that_runs_code(work):
   assert path in run_bad(work, 'evaluate.py', '--config.eval.workers=1', '--config.eval.list=train')
   assert not os.path.exists(marker)
 
+
+
+# ------------------------------------------------------------------------------------------ refused writes
+def test_workdir_below_a_regular_file(work):
+  """A file where the run folder's parent should be (the reproducible stand-in, also as root, for a read-only or
+  full disk): one line naming the path, exit status 1."""
+  blocker = os.path.join(os.path.dirname(work), 'blocker')
+  open(blocker, 'w').close()
+  line = run_bad(work, 'prepare.py', '--demo', '--workers=1', f'--config.workdir={blocker}/run')
+  assert line.startswith(f'error: cannot write {blocker}/run') and 'Not a directory' in line, line
+
+
+TS_ENOSPC = ('RESOURCE_EXHAUSTED: Error writing "state.w/0.0" in OCDBT database at local file "/w/ckpt/": Failed '
+             'writing: "/w/ckpt/d/ab12": Failed to write 9 bytes to file 9: No space left on device '
+             "[os_error_code='28'] [tensorstore_spec='{\"driver\":\"zarr\"}']")
+
+
+@pytest.mark.parametrize('error, line', [
+    (PermissionError(errno.EACCES, 'Permission denied', '/w/1.npy'), 'cannot write /w/1.npy: Permission denied'),
+    (OSError(errno.EROFS, 'Read-only file system', '/w/seam'), 'cannot write /w/seam: Read-only file system'),
+    (OSError(errno.ENOSPC, 'No space left on device'), 'cannot write a file: No space left on device'),
+    (OSError(errno.EDQUOT, 'Disk quota exceeded', '/w/x'), 'cannot write /w/x: Disk quota exceeded'),
+    (ValueError(TS_ENOSPC), 'cannot write /w/ckpt/d/ab12: No space left on device'),   # orbax's tensorstore
+])
+def test_refused_write_is_one_line(error, line):
+  with pytest.raises(SystemExit, match=f'^error: {re.escape(line)}$'):
+    with cli.one_line_errors():
+      try:
+        raise error
+      except (OSError, ValueError) as e:
+        raise RuntimeError('wrapped by a library') from e
+
+
+def test_refused_background_write_then_timeout_is_one_line():
+  """orbax creates a checkpoint folder in a thread, logs the OSError there and fails the main thread later with a
+  timeout: the logged error (its traceback dropped) is the line reported."""
+  try:
+    raise OSError(errno.EROFS, 'Read-only file system', '/w/seam/ckpt/2.orbax-checkpoint-tmp')
+  except OSError:
+    record = logging.LogRecord('absl', logging.ERROR, '/site-packages/orbax/checkpoint/future.py', 1, 'raised', None,
+                               sys.exc_info())
+  with pytest.raises(SystemExit, match=r'^error: cannot write /w/seam/ckpt/2\.orbax-checkpoint-tmp: Read-only'):
+    with cli.one_line_errors():
+      assert not cli.quiet_libraries().filter(record)
+      raise TimeoutError("Timeout waiting for key 'step_directory_creation'")
+
+
+@pytest.mark.parametrize('error', [FileNotFoundError(errno.ENOENT, 'No such file', '/w/x'), ZeroDivisionError()])
+def test_other_errors_keep_their_traceback(error):
+  """A missing file is a reader's job (DataError) and anything else a bug: neither is turned into a line."""
+  with pytest.raises(type(error)):
+    with cli.one_line_errors():
+      raise error
+
+
+def test_leftover_callbacks_of_a_failed_read_are_dropped(monkeypatch):
+  """orbax's tensorstore callbacks that outlive a failed restore report 'Event loop is closed' as unraisable
+  errors (tracebacks on stderr): dropped; other unraisable errors still reach the previous hook."""
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', lambda u: seen.append(str(u.exc_value)))
+  with cli.one_line_errors():
+    for error in (RuntimeError('Event loop is closed'), ValueError('a bug')):
+      sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+  assert seen == ['a bug']

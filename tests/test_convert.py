@@ -1,5 +1,6 @@
 """Weight conversion: .pth <-> variables, the torch-free .pth reader, MXNet .params, export folders, the CLI."""
 import collections
+import errno
 import logging
 import os
 import struct
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import flax
+import jax
 import numpy as np
 import pytest
 import torch
@@ -258,6 +260,8 @@ def test_cli_module_converts_mxnet_params(tmp_path):
          '--width_div', '32']
   run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert run.returncode == 0, run.stderr
+  assert run.stdout == f'wrote {out_dir}\n'
+  assert 'orbax' not in run.stderr.lower() and len(run.stderr.splitlines()) <= 2, run.stderr   # its summary only
   variables = convert.load_variables(out_dir, 'affinity', CFG32)
   np.testing.assert_array_equal(variables['params']['backbone']['conv1a']['kernel'],
                                 backbone['conv1a.weight'].transpose(2, 3, 1, 0))
@@ -265,3 +269,108 @@ def test_cli_module_converts_mxnet_params(tmp_path):
   bad = subprocess.run(cmd[:4] + [missing] + cmd[5:], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300, check=False)
   assert bad.returncode != 0 and 'missing.params' in bad.stderr and 'Traceback' not in bad.stderr
+  assert bad.stderr.splitlines() == [f'error: checkpoint not found: {missing}'], bad.stderr
+  blocker = str(tmp_path / 'blocker')
+  open(blocker, 'w').close()
+  blocked = subprocess.run(cmd[:6] + [os.path.join(blocker, 'export')] + cmd[7:], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300, check=False)
+  assert blocked.returncode == 1 and blocked.stderr.splitlines()[1:] == [   # after its summary line
+      f'error: cannot write {blocker}/export.tmp: Not a directory (a file stands where a folder is needed)'], (
+          blocked.stderr)
+
+
+# ----------------------------------------------------------------------------- weights that do not fit: one clear line
+
+def test_mxnet_weights_of_another_network_are_refused(tmp_path):
+  """Names ResNet38 does not have are named, not guessed as `bn7.*`; two names of one tensor do not overwrite."""
+  path = str(tmp_path / 'resnet50.params')
+  convert.write_mxnet_params(path, {'arg:conv1a_weight': np.zeros((2, 3, 3, 3), np.float32),
+                                    'arg:stage1_unit1_conv1_weight': np.zeros((4, 2, 1, 1), np.float32),
+                                    'aux:stage1_unit1_bn1_moving_var': np.ones(4, np.float32)})
+  with pytest.raises(DataError, match=r'resnet50\.params.*2 of its 3 names.*stage1_unit1_bn1_moving_var') as e:
+    convert.load_variables(path, 'seam', CFG32)
+  assert 'bn7' not in str(e.value) and 'width' not in str(e.value)
+  with pytest.raises(DataError, match=r"x\.params: 'arg:bn7_moving_mean' and 'aux:bn7_moving_mean' are both"):
+    convert.mxnet_to_torch_names({'arg:bn7_moving_mean': 0, 'aux:bn7_moving_mean': 1}, 'x.params')
+
+
+def test_mxnet_list_saved_without_names(tmp_path):
+  """mx.nd.save of a list writes the arrays and an empty name list: nothing says which layer each array is. Two
+  arrays of one name would overwrite each other."""
+  path = str(tmp_path / 'list.params')
+  arrays = struct.pack('<QQQ', 0x112, 0, 2) + 2 * (struct.pack('<Iiiqiii', 0xF993FAC9, 0, 1, 3, 1, 0, 0) +
+                                                  np.zeros(3, np.float32).tobytes())
+  twice = struct.pack('<Q', 2) + 2 * (struct.pack('<Q', 12) + b'arg:bn7_beta')
+  for names, match in [(struct.pack('<Q', 0), '2 MXNet arrays without names'),
+                       (twice, r"names stored twice: \['arg:bn7_beta'\]")]:
+    with open(path, 'wb') as f:
+      f.write(arrays + names)
+    with pytest.raises(DataError, match=r'list\.params: ' + match):
+      convert.load_variables(path, 'seam', CFG32)
+
+
+def test_mismatch_names_the_files_own_keys(tmp_path):
+  """Missing / unexpected keys and shape mismatches are counted and named as the file names them."""
+  params = str(tmp_path / 'w32.params')
+  imagenet_file(params)
+  cfg16 = convert.model_config(16)
+  with pytest.raises(DataError, match=r'w32\.params: 191 of 191 tensors have other shapes.*'
+                                      r'arg:bn2a_branch2a_beta \(2,\) vs model \(4,\)'):
+    convert.load_variables(params, 'affinity', cfg16)
+  npz = str(tmp_path / 'aff_dp.npz')
+  aff = without_counters(ref_lib.state_dict_numpy(make_ref('affinity')))
+  convert.write_npz(npz, {'module.' + k: v for k, v in aff.items()})
+  with pytest.raises(DataError, match=r'aff_dp\.npz: .*an affinity checkpoint; it holds 195 tensors, the model 195\); '
+                                      r'1 missing key: fc8\.weight; 1 unexpected key: module\.f8_5\.weight'):
+    convert.load_variables(npz, 'seam', CFG32)
+  convert.write_npz(npz, {**aff, 'module.conv1a.weight': aff['conv1a.weight']})
+  with pytest.raises(DataError, match=r"aff_dp\.npz: 'conv1a\.weight' and 'module\.conv1a\.weight' are both"):
+    convert.load_variables(npz, 'affinity', CFG32)
+
+
+def zero_export(path, kind='seam'):
+  variables = convert.abstract_variables(kind, CFG32)
+  export.save_export(path, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables), kind, CFG32)
+
+
+@pytest.mark.parametrize('damage, match', [
+    ('truncate model.json', r'model\.json: damaged export metadata \(JSONDecodeError'),
+    ('model.json of a list', r'model\.json: damaged export metadata: expected .*found \[1\]'),
+    ('truncate the weights', r'export/variables: damaged export, its weights cannot be read \(ValueError'),
+    ('delete _METADATA', r'export/variables: damaged export, its weights cannot be read \(FileNotFoundError'),
+])
+def test_damaged_export_is_one_data_error(damage, match, tmp_path):
+  path = str(tmp_path / 'export')
+  zero_export(path)
+  meta, variables = os.path.join(path, export.META), os.path.join(path, 'variables')
+  if damage == 'truncate model.json':
+    os.truncate(meta, os.path.getsize(meta) // 2)
+  elif damage == 'model.json of a list':
+    with open(meta, 'w') as f:
+      f.write('[1]')
+  elif damage == 'truncate the weights':
+    for name in os.listdir(os.path.join(variables, 'd')):
+      os.truncate(os.path.join(variables, 'd', name), 10)
+  else:
+    os.remove(os.path.join(variables, '_METADATA'))
+  with pytest.raises(DataError, match=match) as e:
+    convert.load_variables(path, 'seam', CFG32)
+  assert len(str(e.value).splitlines()) == 1 and len(str(e.value)) < 400
+
+
+def test_failed_export_write_leaves_the_old_export(tmp_path, monkeypatch):
+  """A disk that fills up during the write: the previous export stays whole and no temporary folder is left."""
+  path = str(tmp_path / 'export')
+  zero_export(path)
+  ones = jax.tree.map(np.ones_like, convert.load_variables(path, 'seam', CFG32))
+  def full_disk(*unused):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(export.ocp.StandardCheckpointer, 'wait_until_finished', full_disk)
+  with pytest.raises(OSError):
+    export.save_export(path, ones, 'seam', CFG32)
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == ['export']
+  assert all(not x.any() for x in jax.tree.leaves(convert.load_variables(path, 'seam', CFG32)))
+  export.save_export(path, ones, 'seam', CFG32)
+  assert sorted(os.listdir(tmp_path)) == ['export']
+  assert all(x.all() for x in jax.tree.leaves(convert.load_variables(path, 'seam', CFG32)))

@@ -7,13 +7,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 import torch
 
-from configs import demo
+from configs import demo, sections
 from seam_jax.common import bucketing, errors, files
 from seam_jax.common import ops
 from seam_jax.data import input_pipeline, voc
@@ -83,7 +82,7 @@ def random_variables(model, seed=0):
 def net():
   """(model config, SEAM, its random variables, jitted forward x -> ((cam, cam_rv), intermediates with the backbone's
   features))."""
-  mc = ml_collections.ConfigDict({'width_div': 32, 'dtype': 'float32'})
+  mc = sections.model(width_div=32)
   model = build('seam', mc)
   forward = jax.jit(functools.partial(model.apply, capture_intermediates=lambda m, _: m.name == 'backbone',
                                       mutable=['intermediates']))

@@ -1,7 +1,7 @@
 """The optax optimizer vs torch.optim.SGD with the original's groups, poly schedule and momentum quirk."""
 import jax
 import jax.numpy as jnp
-import ml_collections
+from configs import sections
 import numpy as np
 import optax
 import pytest
@@ -16,10 +16,8 @@ MAX_STEPS = 10
 
 
 def hparams(**kw):
-  h = ml_collections.ConfigDict(dict(lr=BASE_LR, weight_decay=5e-4, momentum=0.0005, fix_momentum=False,
-                                     fixed_momentum=0.9, poly_power=0.9))
-  h.update(kw)
-  return h
+  return sections.trainer(**dict(dict(lr=BASE_LR, weight_decay=5e-4, momentum=0.0005, fix_momentum=False,
+                                      fixed_momentum=0.9, poly_power=0.9), **kw))
 
 
 def toy_params():

@@ -1,5 +1,6 @@
-"""Shared plumbing of the absl entry points: the `--config` flag, the multi-host flags, clean errors, no traceback
-spew."""
+"""Shared plumbing of the absl entry points: the `--config` flag, the multi-host flags, clean errors (bad input or a
+refused write: one line, exit status 1), no traceback spew."""
+import contextlib
 import logging as pylogging
 import os
 import sys
@@ -7,7 +8,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from seam_jax.common.errors import DataError
+from seam_jax.common.errors import DataError, write_failure
 
 FLAGS = flags.FLAGS
 
@@ -54,23 +55,73 @@ def _parse(argv):
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Orbax and XLA log every checkpoint step at INFO: keep their warnings, drop the chatter."""
-  NOISY = ('/orbax/', '/jax/_src/', '/grain/')
+  """Orbax and XLA log every checkpoint step at INFO: keep their warnings, drop the chatter. A refused write they log
+  from a background thread or task (orbax saves asynchronously, then fails the main thread with its own error or
+  a timeout) is kept in `write_failure` for `one_line_errors`, and later library tracebacks are dropped."""
+  NOISY = ('/orbax/', '/jax/_src/', '/grain/', '/asyncio/')
+
+  def __init__(self):
+    super().__init__()
+    self.write_failure = None
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
+    noisy = any(n in record.pathname for n in self.NOISY)
+    if noisy and record.exc_info and record.exc_info[1] is not None:
+      self.write_failure = self.write_failure or write_failure(record.exc_info[1])
+      if self.write_failure:
+        return False
+    return record.levelno >= pylogging.WARNING or not noisy
+
+
+def quiet_libraries():
+  """The `_QuietLibraries` filter, installed once on absl's logger (orbax and grain log through it), on absl's
+  handler and the root logger's (jax's and asyncio's loggers), whichever prints them; returns it."""
+  targets = (pylogging.getLogger('absl'), logging.get_absl_handler(), *pylogging.getLogger().handlers)
+  quiet = next((f for t in targets for f in t.filters if isinstance(f, _QuietLibraries)), None) or _QuietLibraries()
+  for t in targets:
+    if quiet not in t.filters:
+      t.addFilter(quiet)
+  return quiet
+
+
+@contextlib.contextmanager
+def one_line_errors():
+  """Bad input (DataError) and a write the file system refuses (errors.write_failure: read-only or full disk,
+  permission, a file in place of a folder) end the process with one line `error: ...` on stderr, exit status 1;
+  any other exception (a bug) keeps its traceback. The unraisable errors of orbax's leftover tensorstore callbacks
+  after a failed read or write ('Event loop is closed', then anything once the line is out) are dropped."""
+  quiet = quiet_libraries()
+  quiet.write_failure = None
+  previous, reported = sys.unraisablehook, []
+
+  def drop_leftovers(unraisable):
+    closed = isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(unraisable.exc_value)
+    if not (closed or reported or quiet.write_failure):
+      previous(unraisable)
+
+  sys.unraisablehook = drop_leftovers
+  try:
+    yield
+  except DataError as e:
+    reported.append(e)
+    sys.exit('error: ' + ' '.join(str(e).splitlines()))
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless it is a refused write)
+    quiet.write_failure = write_failure(e) or quiet.write_failure
+    if quiet.write_failure is None:
+      raise
+    sys.exit(f'error: {quiet.write_failure}')   # the hook stays: leftover callbacks also fail at exit
+  sys.unraisablehook = previous
+  if quiet.write_failure:
+    logging.warning('a background write failed (%s); the run completed without it', quiet.write_failure)
 
 
 def run(main):
-  """app.run with jax.distributed started first when asked (`define_config`'s flags) and DataError (bad input: a
-  file or a key named in the message) reported as one line `error: ...` on stderr, exit status 1."""
+  """app.run with jax.distributed started first when asked (`define_config`'s flags) and bad input or a refused
+  write reported as one line `error: ...` on stderr, exit status 1 (`one_line_errors`)."""
   def wrapped(argv):
     pylogging.getLogger('absl').setLevel(pylogging.INFO)
     logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    try:
+    with one_line_errors():
       _maybe_initialize()
       return main(argv)
-    except DataError as e:
-      sys.exit('error: ' + ' '.join(str(e).splitlines()))
   app.run(wrapped, flags_parser=_parse)

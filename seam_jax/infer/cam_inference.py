@@ -38,7 +38,7 @@ class CamEngine(bucketing.DeviceLoop):
     model = seam.PaddedSEAM(model_config.width_div, jnp.dtype(model_config.dtype), branch=branch)
     super().__init__(lambda v, b: model.apply(v, b['x'], b['valid'], b['xs']),
                      {k: variables[k] for k in ('params', 'batch_stats')}, batch_size, mesh,
-                     model_config.get('fast_compile', False))
+                     model_config.fast_compile)
 
 
 def resize_np(img, hw, align_corners):
@@ -112,8 +112,7 @@ def _save(config, image_id, img, cams):
 
 def cam_branch(config):
   """infer.branch, '' = per train.method: the PCM's cam_rv for SEAM, the classifier's cam for the CAM baseline."""
-  branch = config.infer.get('branch', '')
-  return branch or ('cam' if config.train.get('method', 'seam') == 'cam' else 'cam_rv')
+  return config.infer.branch or ('cam' if config.train.method == 'cam' else 'cam_rv')
 
 
 def run_inference(config, *, force=False, engine=None):

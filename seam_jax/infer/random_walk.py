@@ -263,7 +263,7 @@ def _walk(config, todo, done):
   rw = config.rw
   variables = convert.load_variables(layout.affinity_weights(config), 'affinity', config.model)
   loop = bucketing.DeviceLoop(make_step(models.build('affinity', config.model), config, rw.backend), variables,
-                              rw.batch_size, fast_compile=config.model.get('fast_compile', False))
+                              rw.batch_size, fast_compile=config.model.fast_compile)
   sizes = {i: files.image_size(layout.image_path(config, i)) for i in todo}
   todo = sorted(todo, key=lambda i: bucketing.padded_size(*sizes[i]))   # equal padded sizes in a row: full batches
   on_host = rw.backend == 'numpy'

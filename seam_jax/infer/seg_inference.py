@@ -51,7 +51,7 @@ class SegEngine(bucketing.DeviceLoop):
       with nn.intercept_methods(seam.mask_spatial_conv_inputs(b['valid'], b['x'].shape[1:3])):
         return model.apply(v, b['x'], upsample=False)
     super().__init__(forward, {k: variables[k] for k in ('params', 'batch_stats')}, batch_size, mesh,
-                     model_config.get('fast_compile', False))
+                     model_config.fast_compile)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,19 +13,20 @@ a .pth / .npz / .params into an export folder, or an export folder into a .pth /
 """
 import argparse
 import os
-import sys
+import re
 
 from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from configs import sections
 from seam_jax.models import export
 from seam_jax import models
-from seam_jax.models.weight_files import (has_torch, read_mxnet_params, read_npz, read_pth, write_mxnet_params,  # noqa: F401
-                                     write_npz, write_pth)
+from seam_jax.models.weight_files import (  # noqa: F401  (re-exported: callers use convert.read_pth, ...)
+    has_torch, read_mxnet_params, read_npz, read_pth, write_mxnet_params, write_npz, write_pth)
+from seam_jax.common import cli
 from seam_jax.common.errors import DataError
 
 _LEAF_NAMES = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
@@ -65,20 +66,34 @@ def _torch_shape(path, shape):
   return tuple(shape[i] for i in (3, 2, 0, 1)) if path[-1] == 'kernel' else tuple(shape)
 
 
-def clean_state_dict(sd):
-  """Strip DataParallel's 'module.' prefix and a nested backbone's 'backbone.' prefix (the deeplabv1 release),
-  drop BN `num_batches_tracked` counters."""
-  out = {}
+def _rename(sd, rename, source):
+  """(sd with every key k renamed rename(k), dropped when None; new name -> key in `source`). Two keys of one new
+  name are a DataError naming `source`, not one silently overwriting the other."""
+  out, origin = {}, {}
   for k, v in sd.items():
-    k = k[len('module.'):] if k.startswith('module.') else k
-    k = k[len('backbone.'):] if k.startswith('backbone.') else k
-    if not k.endswith('num_batches_tracked'):
-      out[k] = v
-  return out
+    name = rename(k)
+    if name is None:
+      continue
+    if name in out:
+      raise DataError(f'{source}: {origin[name]!r} and {k!r} are both {name!r}')
+    out[name], origin[name] = v, k
+  return out, origin
+
+
+def _clean_name(k):
+  k = k[len('module.'):] if k.startswith('module.') else k
+  k = k[len('backbone.'):] if k.startswith('backbone.') else k
+  return None if k.endswith('num_batches_tracked') else k
+
+
+def clean_state_dict(sd, source='state dict'):
+  """(state dict, cleaned name -> key in `sd`): DataParallel's 'module.' prefix and a nested backbone's 'backbone.'
+  prefix (the deeplabv1 release) stripped, BN `num_batches_tracked` counters dropped."""
+  return _rename(sd, _clean_name, source)
 
 
 def model_config(width_div=1, dtype='float32'):
-  return ml_collections.ConfigDict({'width_div': int(width_div), 'dtype': dtype})
+  return sections.model(width_div=int(width_div), dtype=dtype)
 
 
 def abstract_variables(kind, model_config_):
@@ -101,6 +116,11 @@ def _few(keys, n=4):
   return ', '.join(keys[:n]) + (f' (+{len(keys) - n} more)' if len(keys) > n else '')
 
 
+def _counted(what, keys, n=4):
+  """'2 missing keys: a, b' / 'no missing keys'."""
+  return f'{len(keys)} {what} key{"s" * (len(keys) != 1)}: {_few(keys, n)}' if keys else f'no {what} keys'
+
+
 def _guess_kind(keys):
   """The model kind whose head layers are exactly those found among `keys`, if any."""
   tops = {k.split('.')[0] for k in keys}
@@ -109,15 +129,16 @@ def _guess_kind(keys):
 
 # ----------------------------------------------------------------------------- state dict <-> variables
 
-def _assign(template, sd, names, source, kind, model_config_):
-  """`template` with the leaves named `names` replaced by sd[name] (torch layout); shape mismatch -> DataError."""
+def _assign(template, sd, names, source, kind, model_config_, origin):
+  """`template` with the leaves named `names` replaced by sd[name] (torch layout); a shape mismatch is a DataError
+  naming the tensor as `source` does (origin: name -> key in the file) with both shapes."""
   flat = {col: flax.traverse_util.flatten_dict(flax.core.unfreeze(template[col])) for col in template}
   entries = {t: (col, p, x) for t, col, p, x in _entries(template) if t in names}
-  bad = [f'{t} {tuple(np.shape(sd[t]))} vs model {_torch_shape(p, x.shape)}' for t, (_, p, x) in entries.items()
-         if tuple(np.shape(sd[t])) != _torch_shape(p, x.shape)]
+  bad = [f'{origin[t]} {tuple(np.shape(sd[t]))} vs model {_torch_shape(p, x.shape)}'
+         for t, (_, p, x) in entries.items() if tuple(np.shape(sd[t])) != _torch_shape(p, x.shape)]
   if bad:
-    raise DataError(f'{source}: tensor shapes do not match the {kind} model of width_div '
-                    f'{model_config_.width_div} (weights of another width?): {_few(bad, 3)}')
+    raise DataError(f'{source}: {len(bad)} of {len(entries)} tensors have other shapes than in the {kind} model of '
+                    f'width_div {model_config_.width_div} (weights of another width?): {_few(bad, 3)}')
   for t, (col, p, x) in entries.items():
     flat[col][p] = _from_torch(p, np.asarray(sd[t], x.dtype))
   return {col: flax.traverse_util.unflatten_dict(f) for col, f in flat.items()}
@@ -128,16 +149,19 @@ def state_dict_to_variables(sd, kind, model_config_, name='state dict'):
 
   Every model tensor must be present with the right shape and nothing else may be there; errors name `name`.
   """
-  sd = clean_state_dict(sd)
+  sd, origin = clean_state_dict(sd, name)
   shapes = abstract_variables(kind, model_config_)
   expected = {t for t, *_ in _entries(shapes)}
   missing, unexpected = expected - set(sd), set(sd) - expected
   if missing or unexpected:
     guess = _guess_kind(sd)
-    hint = f'this looks like a {guess} checkpoint' if guess and guess != kind else 'not a checkpoint of this model'
-    raise DataError(f'{name}: checkpoint of the wrong model for {kind!r} ({hint}); missing keys: '
-                    f'{_few(missing) or "none"}; unexpected keys: {_few(unexpected) or "none"}')
-  return _assign(shapes, sd, expected, name, kind, model_config_)
+    article = 'an' if guess and guess[0] in 'aeiou' else 'a'
+    hint = (f'this looks like {article} {guess} checkpoint' if guess and guess != kind else
+            'not a checkpoint of this model')
+    raise DataError(f'{name}: checkpoint of the wrong model for {kind!r} ({hint}; it holds {len(sd)} tensors, the '
+                    f'model {len(expected)}); {_counted("missing", missing)}; '
+                    f'{_counted("unexpected", [origin[k] for k in unexpected])}')
+  return _assign(shapes, sd, expected, name, kind, model_config_, origin)
 
 
 def variables_to_state_dict(variables, kind):
@@ -160,46 +184,61 @@ def load_npz(path, kind, model_config_):
 
 
 _BN_PARAMS = {'beta': 'bias', 'gamma': 'weight', 'mean': 'running_mean', 'var': 'running_var'}
+_MX_BN = r'(?:moving_)?(beta|gamma|mean|var)'
+_MX_BN7 = re.compile(f'bn7_{_MX_BN}')
+_MX_BLOCK = re.compile(rf'(res|bn)(\d)(a|b\d+)_(branch[0-9a-z]+)_(weight|{_MX_BN})')   # res4b3_branch2a_weight
 
 
-def mxnet_to_torch_names(d):
-  """The original's mapping of the ImageNet ResNet38 names (SEAM_SPEC section 1); the classifier is dropped."""
-  out = {}
-  for key, v in d.items():
-    toks = key.split(':', 1)[-1].split('_')
-    t0 = toks[0]
-    if 'linear1000' in t0:
-      continue
-    if 'conv1a' in t0:
-      name = 'conv1a.weight'
-    elif len(toks) > 1 and 'branch' in toks[1]:
-      block = f'b{t0[-2]}' if t0[-1] == 'a' else f'b{t0[-3]}_{t0[-1]}'
-      is_conv = t0.startswith('res')
-      name = f'{block}.{"conv" if is_conv else "bn"}_{toks[1]}.' + (
-          'weight' if is_conv else _BN_PARAMS.get(toks[-1], toks[-1]))
-    else:
-      name = f'bn7.{_BN_PARAMS.get(toks[-1], toks[-1])}'
-    out[name] = v
-  return out
+def _mxnet_name(key):
+  """The original's name of an ImageNet ResNet38 tensor (`arg:res4b3_branch2a_weight` -> `b4_3.conv_branch2a.weight`,
+  SEAM_SPEC section 1); '' for the 1000-way classifier (dropped), None for a name ResNet38 does not have."""
+  name = key.split(':', 1)[-1]
+  if name.startswith('linear1000_'):
+    return ''
+  if name == 'conv1a_weight':
+    return 'conv1a.weight'
+  if m := _MX_BN7.fullmatch(name):
+    return f'bn7.{_BN_PARAMS[m[1]]}'
+  m = _MX_BLOCK.fullmatch(name)
+  if m is None or (m[1] == 'res') != (m[5] == 'weight'):
+    return None
+  block = f'b{m[2]}' if m[3] == 'a' else f'b{m[2]}_{m[3][1:]}'
+  return f'{block}.conv_{m[4]}.weight' if m[1] == 'res' else f'{block}.bn_{m[4]}.{_BN_PARAMS[m[6]]}'
+
+
+def _from_mxnet(d, source):
+  """(original-named state dict, name -> key in `source`) of MXNet ResNet38 weights; a name ResNet38 does not have
+  (weights of another network) is a DataError naming `source` and a few such names, never a guess."""
+  unknown = [k for k in d if _mxnet_name(k) is None]
+  if unknown:
+    raise DataError(f'{source}: not the ResNet38 ImageNet weights: {len(unknown)} of its {len(d)} names are not '
+                    f'ResNet38 tensors ({_few(unknown)})')
+  return _rename(d, lambda k: _mxnet_name(k) or None, source)
+
+
+def mxnet_to_torch_names(d, source='MXNet weights'):
+  """The original's names of the ImageNet ResNet38 MXNet tensors in `d`; the classifier is dropped."""
+  return _from_mxnet(d, source)[0]
 
 
 # ----------------------------------------------------------------------------- ImageNet initialisation
 
 def read_weights(path):
-  """Original-named state dict of a .pth, .npz or MXNet .params file, or of an export folder (e.g. a trained SEAM's
-  backbone for the segmentation retrain)."""
+  """(original-named state dict, name -> key in the file) of a .pth, .npz or MXNet .params file, or of an export
+  folder (e.g. a trained SEAM's backbone for the segmentation retrain)."""
   if os.path.isdir(path):
     meta = export.read_meta(path)
     cfg = model_config(meta['width_div'])
-    return clean_state_dict(variables_to_state_dict(export.load_export(path, meta['kind'], cfg), meta['kind']))
+    variables = export.load_export(path, meta['kind'], cfg)
+    return clean_state_dict(variables_to_state_dict(variables, meta['kind']), path)
   if not os.path.isfile(path):
     raise DataError(f'weights file not found: {path}')
   if path.endswith('.params'):
-    return mxnet_to_torch_names(read_mxnet_params(path))
+    return _from_mxnet(read_mxnet_params(path), path)
   if path.endswith('.npz'):
-    return clean_state_dict(read_npz(path))
+    return clean_state_dict(read_npz(path), path)
   if path.endswith('.pth'):
-    return clean_state_dict(read_pth(path))
+    return clean_state_dict(read_pth(path), path)
   raise DataError(f'{path}: unknown weights format (expected .params, .pth or .npz)')
 
 
@@ -208,16 +247,17 @@ def imagenet_init(variables, path, kind, model_config_):
 
   Shape mismatches are errors (as in torch's non-strict load); absent tensors keep their init and are logged.
   """
-  sd = read_weights(path)
+  sd, origin = read_weights(path)
   backbone = {t for t, _, p, _ in _entries(variables) if p[0] == 'backbone'}
   loaded = backbone & set(sd)
   if not loaded:
-    raise DataError(f'{path}: no ResNet38 backbone tensor found (keys like {_few(sd, 3)})')
-  variables = _assign(variables, sd, loaded, path, kind, model_config_)
+    raise DataError(f'{path}: none of its {len(origin)} tensors is a ResNet38 backbone tensor '
+                    f'({_few(origin.values(), 3) or "it holds none"})')
+  variables = _assign(variables, sd, loaded, path, kind, model_config_, origin)
   missing, unused = backbone - loaded, set(sd) - loaded
   logging.info('%s: loaded %d of %d backbone tensors; %d missing%s; %d unused%s', path, len(loaded), len(backbone),
                len(missing), f' ({_few(missing)})' if missing else '', len(unused),
-               f' ({_few(unused)})' if unused else '')
+               f' ({_few(origin[k] for k in unused)})' if unused else '')
   return variables
 
 
@@ -259,11 +299,9 @@ def main(argv=None):
   p.add_argument('--kind', required=True, choices=sorted(models.MODELS))
   p.add_argument('--width_div', type=int, default=1)
   args = p.parse_args(argv)
-  logging.set_verbosity(logging.INFO)
-  try:
+  logging.set_verbosity(logging.INFO)   # its own summary (imagenet_init); orbax's chatter is filtered out
+  with cli.one_line_errors():
     convert(args.src, args.dst, args.kind, args.width_div)
-  except DataError as e:
-    sys.exit(f'error: {e}')
   print(f'wrote {args.dst}')
 
 

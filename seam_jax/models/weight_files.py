@@ -228,9 +228,17 @@ def read_mxnet_params(path):
     raise DataError(f'{path}: not an MXNet NDArray file (bad header)')
   r.num('Q')
   arrays = [_read_mx_ndarray(r) for _ in range(r.num('Q'))]
-  names = [r.take(r.num('Q')).decode('utf-8') for _ in range(r.num('Q'))]
+  try:
+    names = [r.take(r.num('Q')).decode('utf-8') for _ in range(r.num('Q'))]
+  except UnicodeDecodeError:
+    raise DataError(f'{path}: corrupt MXNet NDArray file (a tensor name is not UTF-8)') from None
+  if arrays and not names:
+    raise DataError(f'{path}: {len(arrays)} MXNet arrays without names (saved from a list, not a dict of named '
+                    'parameters), so which layer each one belongs to is unknown')
   if len(names) != len(arrays):
     raise DataError(f'{path}: {len(arrays)} arrays but {len(names)} names')
+  if len(set(names)) != len(names):
+    raise DataError(f'{path}: names stored twice: {sorted({k for k in names if names.count(k) > 1})[:4]}')
   return {k: v for k, v in zip(names, arrays) if v is not None}
 
 

@@ -69,7 +69,7 @@ class AffinityAugment:
   @classmethod
   def from_config(cls, config, device=False):
     return cls(int(config.aff.crop_size), tuple(config.data.jitter), int(config.aff.radius),
-               bool(config.aff.normalize_before_crop), bool(device), int(config.data.get('aff_canvas', 512)))
+               bool(config.aff.normalize_before_crop), bool(device), int(config.data.aff_canvas))
 
   def __call__(self, record, rng):
     k = record['la'].shape[-1]
@@ -103,7 +103,7 @@ def affinity_loader(config, seed=None):
     if not os.path.isdir(folder):
       raise errors.DataError(f'CRF score folder not found: {folder} (run the CAM inference + CRF stage first)')
   source = AffinitySource(layout.voc_root(config), ids, la_dir, ha_dir, on_error=d.on_error)
-  augment_fn = AffinityAugment.from_config(config, device=d.get('device_augment', False))
+  augment_fn = AffinityAugment.from_config(config, device=d.device_augment)
   loader = input_pipeline.make_loader(
       source, augment_fn, global_batch_size=config.aff.batch_size,
       seed=config.seed if seed is None else seed, worker_count=d.num_workers, worker_buffer_size=max(1, d.prefetch))

@@ -22,7 +22,7 @@ DECAYED = (0, 2)
 
 
 def momentum_of(hparams):
-  return float(hparams.fixed_momentum if hparams.get('fix_momentum', False) else hparams.momentum)
+  return float(hparams.fixed_momentum if hparams.fix_momentum else hparams.momentum)
 
 
 def poly_schedule(base_lr, max_steps, power=0.9):
@@ -47,18 +47,17 @@ def _group_tx(group, hparams, schedule, momentum):
 def make_optimizer(hparams, params, max_steps):
   """(tx, schedule) for `params` (only the tree structure and names are used).
 
-  hparams: config.train / config.aff / config.seg with lr, weight_decay, momentum, fix_momentum, fixed_momentum,
-  poly_power; optional poly_extra_steps (the segmentation retrain's poly denominator is max_steps + 1) and
-  frozen_layers (backbone layers never trained; default SEAM's models.FROZEN).
+  hparams: a trainer section (configs/sections.py: lr, weight_decay, momentum, fix_momentum, fixed_momentum,
+  poly_power, poly_extra_steps (the segmentation retrain's poly denominator is max_steps + 1), frozen_layers).
   schedule(t) is the group-0 (1x) learning rate, for logging.
   """
-  schedule = poly_schedule(float(hparams.lr), int(max_steps) + int(hparams.get('poly_extra_steps', 0)),
-                           float(hparams.get('poly_power', 0.9)))
+  schedule = poly_schedule(float(hparams.lr), int(max_steps) + int(hparams.poly_extra_steps),
+                           float(hparams.poly_power))
   momentum = momentum_of(hparams)
   group_txs = {f'group{g}': _group_tx(g, hparams, schedule, momentum) for g in LR_MULT}
   group_txs['frozen'] = optax.set_to_zero()
   # String labels only: the optimizer state is a dict keyed by label, and pytree keys must be sortable.
-  frozen = tuple(hparams.get('frozen_layers', models.FROZEN))
+  frozen = tuple(hparams.frozen_layers)
   unknown = [n for n in frozen if n not in resnet38.LAYERS]
   if unknown:
     raise errors.DataError(f'config key frozen_layers: {unknown} are not ResNet38 layers '
