@@ -322,8 +322,10 @@ def tiny_engine():
 def segment_images(engine, opts, images):
   """seg_inference.segment over in-memory uint8 images: [(the image `save` got, its label map)], in order."""
   got = {}
+  done = []
   seg_inference.segment(engine, opts, list(range(len(images))), lambda i: (i, None, images[i]),
-                        lambda i, _, img, label: got.__setitem__(i, (img, label)), threads=1)
+                        lambda i, _, img, label: got.__setitem__(i, (img, label)), done.append, threads=1)
+  assert len(done) == len(images)
   return [got[i] for i in range(len(images))]
 
 

@@ -95,7 +95,7 @@ def run_predict(config, inputs, out_dir=None, weights=None):
   def work(todo, done):
     s = config.seg
     seg_inference.segment(seg_inference.load_engine(config, weights), seg_inference.SegTestOptions.from_config(s),
-                          todo, load, lambda *args: done(save(*args)), s.threads, s.max_pending, desc='predict')
+                          todo, load, save, done, s.threads, s.max_pending)
 
-  stats = per_image.run('predict', items, lambda item: _outputs(out_dir, item[1]), work, force=True, progress=False)
+  stats = per_image.run('predict', items, lambda item: _outputs(out_dir, item[1]), work, force=True)
   return dict(result, **stats)

@@ -27,11 +27,10 @@ import dataclasses
 import cv2
 import flax.linen as nn
 import numpy as np
-from tqdm import tqdm
 
 from seam_jax import layout
 from seam_jax import models
-from seam_jax.common import bucketing, files, per_image, pools
+from seam_jax.common import bucketing, files, per_image
 from seam_jax.data import seg_data
 from seam_jax.infer import cam_inference, crf
 from seam_jax.models import convert
@@ -154,12 +153,12 @@ def label_map(img_norm, outs, opts, size=None):
   return label
 
 
-def segment(engine, opts, items, load, save, threads=2, max_pending=8, desc='seg'):
-  """Segment `items` through `engine`: load(item) -> (key, payload, uint8 RGB image or None), then on host threads
-  save(key, payload, image, label) (label None, without device work, for an item whose image is None). The test
-  runs on bound_image(image, opts.max_side); `save` gets the original image and its label map at the original size.
-  Views of different images share batches (bucketing.schedule); up to `threads` images are prepared and finished at
-  once."""
+def segment(engine, opts, items, load, save, done, threads=2, max_pending=8):
+  """Segment `items` through `engine` (per_image.device_loop): load(item) -> (key, payload, uint8 RGB image or None),
+  then on host threads save(key, payload, image, label) -> files written (label None, without device work, for an
+  item whose image is None), reported to done(files). The test runs on bound_image(image, opts.max_side); `save`
+  gets the original image and its label map at the original size. Views of different images share batches; up to
+  `threads` images are prepared and finished at once."""
   def prepare(item):
     key, payload, img = load(item)
     if img is None:
@@ -169,13 +168,11 @@ def segment(engine, opts, items, load, save, threads=2, max_pending=8, desc='seg
 
   def finish(result):
     key, (payload, img, norm), outs = result
-    save(key, payload, img, None if img is None else label_map(norm, outs, opts, img.shape[:2]))
+    return save(key, payload, img, None if img is None else label_map(norm, outs, opts, img.shape[:2]))
 
   threads = max(int(threads), 1)
-  with concurrent.futures.ThreadPoolExecutor(threads) as prep, concurrent.futures.ThreadPoolExecutor(threads) as post:
-    results = bucketing.schedule(engine, pools.prefetch(prepare, items, prep, 2 * threads), max_pending)
-    for _ in tqdm(pools.prefetch(finish, results, post, 2 * threads), total=len(items), desc=desc, unit='img'):
-      pass
+  with concurrent.futures.ThreadPoolExecutor(threads) as post:
+    per_image.device_loop(engine, items, prepare, finish, done, threads, post, max_pending=max_pending)
 
 
 def load_engine(config, weights=None):
@@ -196,12 +193,12 @@ def run_test(config, *, force=False, engine=None):
     def save(image_id, _, img, label):
       del img
       files.save_label_png(layout.seg_pred_path(config, image_id), label)
-      done(1)
+      return 1
     load = lambda i: (i, None, seg_data.load_image_cv2(layout.image_path(config, i)))
-    segment(eng, opts, todo, load, save, s.threads, s.max_pending, desc='test_seg')
+    segment(eng, opts, todo, load, save, done, s.threads, s.max_pending)
     return {'compilations': eng.compilations}
 
   return per_image.run('test_seg', layout.read_ids(config, s.test_list),
                        lambda i: layout.per_image_outputs(config, 'test_seg', i), work, force,
-                       inputs=lambda i: [layout.image_path(config, i)], progress=False)   # segment draws its bar
+                       inputs=lambda i: [layout.image_path(config, i)])
 
