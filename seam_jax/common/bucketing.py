@@ -60,15 +60,15 @@ def auto_batch_size(mesh):
   only adds the zero rows that fill each shape's last batch (measured, demo-size CAM inference on 2 cores:
   0.144 s/image at 1 or 2 views per step, 0.244 at 8, 0.43 at 16); 8 (at least one per device) on accelerators."""
   n = mesh.size
-  return n if mesh.devices.flat[0].platform == 'cpu' else max(8, n)
+  return n if sharding.platform(mesh) == 'cpu' else max(8, n)
 
 
 class DeviceLoop:
   """fn(variables, batch dict) -> outputs (a tree of arrays with the batch as leading axis), jitted over a 1-D mesh
-  of this process's devices; one compilation per row signature (`shape_key`), counted in `compilations`.
-  `batch_size` is rounded up to a multiple of the device count (0: `auto_batch_size`). `fast_compile`: compile
-  without LLVM optimisation on CPU (sharding.compiler_options: the many shapes of a small run compile several times
-  faster)."""
+  of this process's devices (`fn`, the jitted function; `batch_specs`, its batch argument for a row signature); one
+  compilation per row signature (`shape_key`), counted in `compilations`. `batch_size` is rounded up to a multiple
+  of the device count (0: `auto_batch_size`). `fast_compile`: compile without LLVM optimisation when the mesh is on
+  CPU (sharding.compiler_options: the many shapes of a small run compile several times faster)."""
 
   def __init__(self, fn, variables, batch_size, mesh=None, fast_compile=False):
     self.mesh = mesh or sharding.make_mesh(local=True)
@@ -78,21 +78,25 @@ class DeviceLoop:
     self.batch_size = -(-(int(batch_size) or auto_batch_size(self.mesh)) // n) * n
     repl, self._data = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
     self.variables = jax.device_put(variables, repl)
-    self._fn = jax.jit(fn, in_shardings=(repl, self._data), out_shardings=self._data)
+    self.fn = jax.jit(fn, in_shardings=(repl, self._data), out_shardings=self._data)
     self._compiled = {}
-    self._options = sharding.compiler_options(fast_compile)
+    self._options = sharding.compiler_options(fast_compile, sharding.platform(self.mesh))
 
   @property
   def compilations(self):
     return len(self._compiled)
 
+  def batch_specs(self, row):
+    """`fn`'s abstract batch for rows like `row` (a dict of arrays or ShapeDtypeStructs): batch_size rows, sharded
+    on 'data'."""
+    return {k: jax.ShapeDtypeStruct((self.batch_size,) + shape, np.dtype(dt), sharding=self._data)
+            for k, shape, dt in shape_key(row)}
+
   def compile(self, row):
-    """The executable for batches of rows like `row` (a dict of arrays or ShapeDtypeStructs), compiled once."""
+    """The executable for batches of rows like `row`, compiled once."""
     key = shape_key(row)
     if key not in self._compiled:
-      specs = {k: jax.ShapeDtypeStruct((self.batch_size,) + shape, np.dtype(dt), sharding=self._data)
-               for k, shape, dt in key}
-      self._compiled[key] = self._fn.lower(self.variables, specs).compile(self._options)
+      self._compiled[key] = self.fn.lower(self.variables, self.batch_specs(row)).compile(self._options)
     return self._compiled[key]
 
   def __call__(self, batch):

@@ -45,8 +45,15 @@ def local_copy(tree):
   return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
 
 
-def compiler_options(fast):
-  """XLA options for `jax.jit` / `.compile`: with `fast` on CPU, LLVM optimisation off. Small CPU runs compile
-  several times faster (a narrow SEAM step: ~3x, random init: ~8x) and run about as fast (convolutions are library
-  calls). Elsewhere (GPU, TPU) nothing changes."""
-  return {'xla_backend_optimization_level': 0} if fast and jax.default_backend() == 'cpu' else None
+def platform(mesh):
+  """The platform ('cpu', 'cuda', 'tpu', ...) of `mesh`'s devices: the backend its computations compile for."""
+  return mesh.devices.flat[0].platform
+
+
+def compiler_options(fast, platform_name=None):
+  """XLA options for `jax.jit` / `.compile` on `platform_name` (default: jax.default_backend(), what a jit without
+  shardings compiles for; pass `platform(mesh)` for a computation over `mesh`): with `fast` on CPU, LLVM
+  optimisation off. Small CPU runs compile several times faster (a narrow SEAM step: ~3x, random init: ~8x) and
+  run about as fast (convolutions are library calls). Elsewhere (GPU, TPU) none: the option is XLA:CPU's."""
+  cpu = (platform_name or jax.default_backend()) == 'cpu'
+  return {'xla_backend_optimization_level': 0} if fast and cpu else None

@@ -246,9 +246,10 @@ def batch_images(batch, size, normalize_first=True):
   """The network input of a training batch: batch['image'] as is, or the device augmentation of a photometric
   batch (the KEYS of augment.photometric_record, stacked). On CPU the images run one after the other (each
   computes only its drawn ops); on accelerators vmapped (every op computed and selected, but parallel and
-  sharding-friendly)."""
+  sharding-friendly). The choice follows the platform the step is lowered for (lax.platform_dependent, resolved at
+  lowering), not the host's default backend: an export or AOT lowering for GPU/TPU from a CPU host gets the vmap."""
   if 'canvas' not in batch:
     return batch['image']
   records = {k: batch[k] for k in KEYS}
   fn = functools.partial(augment_image, size=size, normalize_first=normalize_first)
-  return jax.lax.map(fn, records) if jax.default_backend() == 'cpu' else jax.vmap(fn)(records)
+  return jax.lax.platform_dependent(records, cpu=functools.partial(jax.lax.map, fn), default=jax.vmap(fn))
