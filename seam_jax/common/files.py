@@ -4,6 +4,7 @@ restricted unpickler: numpy arrays, dicts, lists, tuples and scalars only, so a 
 (a pickle that would run code) is refused before anything runs."""
 import collections
 import contextlib
+import json
 import os
 import pickle
 
@@ -158,6 +159,17 @@ def load_npy_dict(path):
   if not isinstance(d, dict):
     raise DataError(f'{path} does not hold a dict (np.save of a dict expected)')
   return d
+
+
+def read_json(path, what, hint=''):
+  """The parsed JSON file `what` at path; missing or malformed is one DataError naming it (plus `hint`)."""
+  if not os.path.isfile(path):
+    raise DataError(f'{what} not found: {path}{hint}')
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(f'cannot parse {what} {path}: {e}') from None
 
 
 def _open_image(path, read, what='image'):

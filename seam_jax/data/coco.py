@@ -31,7 +31,7 @@ from absl import logging
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from seam_jax.common import pools
+from seam_jax.common import files, pools
 from seam_jax.common.errors import DataError
 from seam_jax.data import dataset_info
 
@@ -53,7 +53,7 @@ def _get(obj, key, kind, where, default=None):
 
 def load_json(path):
   """The parsed instances file; unreadable or malformed JSON, or a missing top-level list, is a DataError."""
-  data = dataset_info.read_json(path, 'COCO annotation file')
+  data = files.read_json(path, 'COCO annotation file')
   for key in ('images', 'annotations', 'categories'):
     _get(data, key, list, path)
   return data

@@ -93,7 +93,7 @@ class DatasetInfo:
   def from_json(cls, path):
     """Read a dataset.json (a path, or the list_dir holding one); every problem is a DataError naming the file."""
     path = os.path.join(path, FILE_NAME) if os.path.isdir(path) else path
-    d = read_json(path, 'dataset description', ' (run prepare first)')
+    d = files.read_json(path, 'dataset description', ' (run prepare first)')
     if not isinstance(d, dict) or set(d) - set(_FIELDS) or not {'name', 'classes'} <= set(d):
       raise DataError(f'{path}: expected an object with "name" and "classes" (optional "num_classes", '
                       f'"ignore_label", "palette"), got {sorted(d) if isinstance(d, dict) else type(d).__name__}')
@@ -103,15 +103,6 @@ class DatasetInfo:
     return info
 
 
-def read_json(path, what, hint=''):
-  """The parsed JSON file `what` at path; missing or malformed is one DataError naming it."""
-  if not os.path.isfile(path):
-    raise DataError(f'{what} not found: {path}{hint}')
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise DataError(f'cannot parse {what} {path}: {e}') from None
 
 
 def _validate(info):
