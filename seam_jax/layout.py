@@ -77,8 +77,7 @@ def init_weights(config):
   (random)."""
   if config.model.init_weights:
     return config.model.init_weights
-  pretrain = config.get('pretrain')
-  return export_dir(config, 'pretrain') if pretrain is not None and pretrain.enabled else ''
+  return export_dir(config, 'pretrain') if 'pretrain' in config and config.pretrain.enabled else ''
 
 
 def seam_weights(config):

@@ -1,9 +1,11 @@
 """Kill and restart: train.py SIGKILLed at seeded random moments (inside a step; during a checkpoint write, seen by
-orbax's temporary folder) and rerun with the same command until it finishes ends with the parameters of an
-uninterrupted run, bit for bit (CPU). A damaged newest checkpoint is skipped with a warning for the one before."""
+orbax's temporary folder) and rerun with the same command until it finishes ends with the parameters and the
+metrics.jsonl lines of an uninterrupted run, bit for bit (CPU). A damaged newest checkpoint is skipped with a warning
+for the one before."""
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from seam_jax.models import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
+LOG_EVERY, CKPT_EVERY = 3, 2   # checkpoints between log lines hold the metrics of the steps not logged yet
 TIMEOUT_S = 600
 KILLS = ('step', 'write', 'step', 'write')   # where each interrupted start is killed, in order
 
@@ -26,8 +29,8 @@ KILLS = ('step', 'write', 'step', 'write')   # where each interrupted start is k
 def data(tiny_flags, tmp_path_factory):
   """The train.py command line and environment every run shares (on the tiny demo set)."""
   tmp = tmp_path_factory.mktemp('kill')
-  flags = tiny_flags + [f'--config.train.max_steps={STEPS}', '--config.train.log_every=1',
-                        '--config.train.ckpt_every=1', '--config.train.keep_checkpoints=2']
+  flags = tiny_flags + [f'--config.train.max_steps={STEPS}', f'--config.train.log_every={LOG_EVERY}',
+                        f'--config.train.ckpt_every={CKPT_EVERY}', '--config.train.keep_checkpoints=2']
   # The persistent compilation cache only makes restarts cheaper: a cached executable is the compiled program.
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_COMPILATION_CACHE_DIR=str(tmp / 'jax_cache'), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
@@ -46,12 +49,18 @@ def finish(proc):
   return err
 
 
-def logged_steps(workdir):
+def logged(workdir):
+  """metrics.jsonl lines without the throughput (timing); a line cut by a kill is left out."""
   path = os.path.join(workdir, 'seam/metrics.jsonl')
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(l)['step'] for l in f if l.endswith('\n')]
+    lines = [json.loads(l) for l in f if l.endswith('\n')]
+  return [{k: v for k, v in l.items() if k != 'img_per_s'} for l in lines]
+
+
+def logged_steps(workdir):
+  return [l['step'] for l in logged(workdir)]
 
 
 def temporary_steps(workdir):
@@ -94,16 +103,21 @@ def test_killed_runs_end_like_an_uninterrupted_one(data):
   finish(start(data, killed))
   assert landed[:2] == [True, True], landed   # a kill inside training and one inside a checkpoint write, at least
   assert not temporary_steps(killed)            # the cut write was cleaned up
-  assert logged_steps(killed) == list(range(1, STEPS + 1))   # lines after the restored step logged once
+  # Lines after the restored step logged once, with the same numbers: those of the steps before a restart come back.
+  assert logged_steps(killed) == [s for s in range(1, STEPS + 1) if s % LOG_EVERY == 0 or s == STEPS]
+  assert logged(killed) == logged(straight)
   model = demo.get_config('tiny').model
   for a, b in zip(export_leaves(straight, model), export_leaves(killed, model)):
     np.testing.assert_array_equal(a, b)
 
-  # The newest step damaged (a file deleted): a warning, it is moved aside, the step before is resumed from, and
-  # the export is again the uninterrupted run's.
+  # The newest step damaged (a file deleted) and the export gone (else the stage is complete and skipped): a
+  # warning, the step is moved aside, the step before is resumed from, and the export and the log are again the
+  # uninterrupted run's.
   os.remove(os.path.join(killed, f'seam/ckpt/{STEPS}/meta/metadata'))
+  shutil.rmtree(os.path.join(killed, 'seam/export'))
   err = finish(start(data, killed))
-  assert f'checkpoint step {STEPS} in' in err and f'resuming from step {STEPS - 1}' in err, err[-3000:]
+  assert f'checkpoint step {STEPS} in' in err and f'resuming from step {STEPS - CKPT_EVERY}' in err, err[-3000:]
   assert os.path.isdir(os.path.join(killed, f'seam/ckpt_damaged/{STEPS}'))
   for a, b in zip(export_leaves(straight, model), export_leaves(killed, model)):
     np.testing.assert_array_equal(a, b)
+  assert logged(killed) == logged(straight)

@@ -1,6 +1,6 @@
 """Generic trainer: data-parallel step equals the single-device step, bit-exact resume through the real
-checkpoint code (also past a damaged newest checkpoint), kind mismatch error, logs and export, a non-finite loss
-stops training (8 fake CPU devices, narrow SEAM net)."""
+checkpoint code (also past a damaged newest checkpoint), of the parameters and of the logged metrics, kind mismatch
+error, logs and export, a non-finite loss stops training (8 fake CPU devices, narrow SEAM net)."""
 import dataclasses
 import glob
 import json
@@ -24,6 +24,10 @@ from seam_jax.train import seam_task, trainer
 
 SIZE = 40
 NUM_RECORDS = 20
+# Checkpoints between log lines: the one at the stop (step 2) holds steps 1-2, the one at 3 steps 1-3 (1-2 restored),
+# all averaged into the line at step 4.
+RUN = dict(log_every=4, ckpt_every=3)
+STOP = 2
 
 
 class RandomSource:
@@ -80,13 +84,13 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """The same run straight through, and stopped after 3 steps then resumed to the end (6 steps)."""
+  """The same run straight through, and stopped after STOP steps then resumed to the end (6 steps)."""
   root = tmp_path_factory.mktemp('runs')
-  straight_cfg = make_config(root / 'straight', image_summaries=False)
+  straight_cfg = make_config(root / 'straight', image_summaries=False, **RUN)
   straight = trainer.train(straight_cfg, task_for(straight_cfg))
-  config = make_config(root / 'resumed')
+  config = make_config(root / 'resumed', **RUN)
   task = task_for(config)
-  trainer.train(config, task, stop_step=3)
+  trainer.train(config, task, stop_step=STOP)
   stopped_export = os.path.exists(root / 'resumed/seam/export')
   resumed = trainer.train(config, task)
   return dict(straight=straight, resumed=resumed, config=config, task=task, root=root,
@@ -100,6 +104,25 @@ def test_resume_is_bit_exact(runs):
   init = trainer.init_variables(runs['config'], runs['task'], jax.random.split(jax.random.PRNGKey(0))[0])
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host(init)), jax.tree.leaves(runs['resumed']))]
   assert any(changed) and not all(changed)   # trained, and the frozen layers stayed put
+
+
+def logged(workdir):
+  with open(os.path.join(workdir, 'seam/metrics.jsonl')) as f:
+    return [json.loads(l) for l in f]
+
+
+def assert_logs_like(straight_dir, workdir):
+  """Every metrics.jsonl line of `workdir` equals the uninterrupted run's, bit for bit, but the throughput: each
+  step's metrics are the same float32 numbers (the resume is bit-exact), the ones of steps before a resume come back
+  exactly from the checkpoint's JSON (float32 -> float64 -> decimal -> float64) and the mean sums them in float64,
+  in step order, in both runs."""
+  strip = lambda lines: [{k: v for k, v in l.items() if k != 'img_per_s'} for l in lines]
+  assert strip(logged(workdir)) == strip(logged(straight_dir))
+
+
+def test_resumed_run_logs_what_an_uninterrupted_one_does(runs):
+  assert [l['step'] for l in logged(runs['root'] / 'straight')] == [4, 6]   # every log_every steps and at the end
+  assert_logs_like(runs['root'] / 'straight', runs['root'] / 'resumed')   # the line at 4 averages steps 1-4
 
 
 def read_events(path):
@@ -118,8 +141,8 @@ def read_events(path):
 
 def test_logs_checkpoints_and_export(runs):
   work = runs['root'] / 'resumed/seam'
-  lines = [json.loads(l) for l in open(work / 'metrics.jsonl')]
-  assert [l['step'] for l in lines] == [2, 3, 4, 6]
+  lines = logged(runs['root'] / 'resumed')
+  assert [l['step'] for l in lines] == [4, 6]   # none at the stop
   for l in lines:
     assert {'loss', 'cls', 'er', 'ecr', 'lr', 'img_per_s'} <= set(l) and np.isfinite(l['loss'])
   assert lines[0]['lr'] > lines[-1]['lr'] > 0
@@ -127,7 +150,7 @@ def test_logs_checkpoints_and_export(runs):
   tags = set().union(*(read_events(e) for e in events))
   assert {'train/loss', 'train/ecr', 'train/lr', 'train/cam', 'train/cam_rv'} <= tags
   steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(work / 'ckpt/*')) if os.path.basename(p).isdigit())
-  assert steps == [3, 4, 6]   # every ckpt_every=2 steps, at the stop and at the end; keep_checkpoints=3
+  assert steps == [STOP, 3, 6]   # at the stop, every ckpt_every=3 steps and at the end; keep_checkpoints=3
   exported = convert.load_variables(str(work / 'export'), 'seam', runs['config'].model)
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(runs['resumed'])):
     np.testing.assert_array_equal(a, b)
@@ -186,18 +209,19 @@ def test_data_parallel_step_matches_single_device(runs):
 
 def test_damaged_newest_checkpoint_is_skipped(runs, tmp_path, caplog):
   """The finished run's newest step with a truncated data file: a warning, the step moved aside, training resumes
-  from the step before and ends bit-identical to the uninterrupted run."""
-  config = make_config(tmp_path, image_summaries=False)
+  from the step before and ends bit-identical to the uninterrupted run, its log lines too."""
+  config = make_config(tmp_path, image_summaries=False, **RUN)
   shutil.copytree(runs['root'] / 'resumed/seam/ckpt', tmp_path / 'seam/ckpt')
   [data] = glob.glob(str(tmp_path / 'seam/ckpt/6/state/d/*'))
   with open(data, 'r+b') as f:
     f.truncate(os.path.getsize(data) // 2)
   final = trainer.train(config, task_for(config))
-  assert any('checkpoint step 6' in r.getMessage() and 'resuming from step 4' in r.getMessage()
+  assert any('checkpoint step 6' in r.getMessage() and 'resuming from step 3' in r.getMessage()
              for r in caplog.records if r.levelname == 'WARNING')
   assert os.path.isdir(tmp_path / 'seam/ckpt_damaged/6')
   for a, b in zip(jax.tree.leaves(runs['straight']), jax.tree.leaves(final)):
     np.testing.assert_array_equal(a, b)
+  assert_logs_like(runs['root'] / 'straight', tmp_path)   # steps 1-3 from the checkpoint of step 3
 
 
 def test_non_finite_loss_stops_training(tmp_path):

@@ -33,6 +33,15 @@ def multihost_requested():
       v is not None for v in explicit)
 
 
+def _failures_reported():
+  """With several processes, a failure of this one stops the others at once with one line naming it
+  (distributed.failures_reported); nothing to do in one process."""
+  if 'multihost' in FLAGS and multihost_requested():
+    from seam_jax.common import distributed  # pylint: disable=g-import-not-at-top  (imports jax)
+    return distributed.failures_reported()
+  return contextlib.nullcontext()
+
+
 def _maybe_initialize():
   if 'multihost' in FLAGS and multihost_requested():
     from seam_jax.common import distributed  # pylint: disable=g-import-not-at-top  (imports jax)
@@ -123,5 +132,6 @@ def run(main):
     logging.set_verbosity(logging.INFO)
     with one_line_errors():
       _maybe_initialize()
-      return main(argv)
+      with _failures_reported():
+        return main(argv)
   app.run(wrapped, flags_parser=_parse)

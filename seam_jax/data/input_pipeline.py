@@ -182,6 +182,8 @@ def make_loader(source, augment_fn, *, global_batch_size, seed, shuffle=True, nu
   is positions [j B, (j + 1) B) and process p of P gets its rows [p b, (p + 1) b), b = B / P (_ProcessRows).
   Batching happens before the worker processes split the work, so the stream is the same for any worker_count.
   `source[i]` may return None for a record to skip. `augment_fn` must be picklable (cloudpickle) when worker_count > 0.
+  `read_threads` threads make batches ahead, up to max(read_threads, worker_buffer_size) of them (and
+  `worker_buffer_size` per worker process).
   Returns a grain IterDataset: `it = iter(loader)`, `it.get_state()` / `it.set_state(state)` resume exactly.
   """
   import jax  # pylint: disable=g-import-not-at-top  (lazy: spawned grain workers need not import jax)
@@ -196,7 +198,9 @@ def make_loader(source, augment_fn, *, global_batch_size, seed, shuffle=True, nu
   stream = _Stream(source, order)
   ds = grain.MapDataset.source(stream if count == 1 else _ProcessRows(stream, global_batch_size, count, index))
   ds = ds.map(_AugmentRecord(augment_fn, int(seed))).batch(global_batch_size // count, drop_remainder=drop_remainder)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, worker_buffer_size)))
+  # Each read thread makes whole batches: the buffer holds at least one per thread (grain warns otherwise).
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                            prefetch_buffer_size=max(read_threads, worker_buffer_size)))
   if worker_count:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()  # grain's workers read its absl flags: outside an absl app use their defaults
@@ -256,7 +260,7 @@ def seam_train_loader(config, seed=None):
   ids = layout.read_ids(config, d.train_list)
   ids, labels = labelled_ids(ids, layout.cls_labels(config), d.on_error)
   source = VOCClsSource(layout.voc_root(config), ids, labels, on_error=d.on_error)
-  augment_fn = SeamAugment.from_config(d, device=d.get('device_augment', False))
+  augment_fn = SeamAugment.from_config(d, device=d.device_augment)
   loader = make_loader(source, augment_fn, global_batch_size=config.train.batch_size,
                        seed=config.seed if seed is None else seed, worker_count=d.num_workers,
                        worker_buffer_size=max(1, d.prefetch))

@@ -1,4 +1,5 @@
-"""Training checkpoints: orbax steps of {'state', 'rng'}, the grain iterator state and the run's identity (meta).
+"""Training checkpoints: orbax steps of {'state', 'rng'}, the grain iterator state, the run's identity (meta) and the
+host metrics of the steps since the last log line (log), so that a resumed run logs what an uninterrupted one does.
 
 orbax writes a step under a temporary name and renames it when complete, so a kill during a write leaves no step
 (the leftover temporary folder is removed at the next start). A step damaged afterwards (a file truncated or
@@ -23,15 +24,38 @@ from seam_jax.common.errors import DataError
 
 def manager(directory, keep):
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=('state', 'data', 'meta'))
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=('state', 'data', 'meta', 'log'))
 
 
-def save(mngr, step, state, rng, data_iter, meta):
-  """Asynchronous save of step `step` (every process calls it; orbax writes each array once)."""
+def save(mngr, step, state, rng, data_iter, meta, unlogged=()):
+  """Asynchronous save of step `step` (every process calls it; orbax writes each array once). `unlogged`: the host
+  metric dicts of the steps after the last log line, restored by restore_latest."""
+  _align_operation_ids()
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave({'state': state, 'rng': rng}),
       data=grain.checkpoint.CheckpointSave(data_iter),
-      meta=ocp.args.JsonSave(meta)))
+      meta=ocp.args.JsonSave(meta),
+      log=ocp.args.JsonSave({'unlogged': [{k: float(v) for k, v in m.items()} for m in unlogged]})))
+
+
+def _align_operation_ids():
+  """Move this process's orbax save counter to the largest of all processes.
+
+  orbax numbers the saves of each process (OperationIdGenerator, a per-process counter), and in a multi-process
+  save every process waits for the primary's "folder created" signals stored under that number in the coordination
+  service. A save by one process alone (the export, written by process 0 after each training task) advances its
+  counter only: at the next task's first checkpoint, process 1 then found the signals of that export under its
+  number, did not wait, and wrote its grain state into a folder not yet created (FileNotFoundError:
+  .../data.orbax-checkpoint-tmp/process_1-of-2.json) while process 0 waited for it. After the move, the next save
+  has one number in every process, never used before by any of them."""
+  if distributed.process_count() == 1:
+    return
+  from orbax.checkpoint._src.futures import synchronization  # pylint: disable=g-import-not-at-top  (no public API)
+  ids = synchronization.OperationIdGenerator
+  target = max(int(i) for i in distributed.all_gather(np.int64(ids.get_current_operation_id()), 'orbax op id'))
+  while int(ids.get_current_operation_id()) < target:
+    ids.next_operation_id()
 
 
 @jax.jit
@@ -75,8 +99,9 @@ def _set_aside(mngr, damaged, resumed):
 
 
 def restore_latest(mngr, abstract, data_iter, meta):
-  """(state, rng) of the newest readable step as `abstract` (ShapeDtypeStructs with shardings), `data_iter`
-  restored in place; None when the folder holds no step. See the module docstring for damaged steps."""
+  """(state, rng, unlogged metric dicts) of the newest readable step, the state as `abstract` (ShapeDtypeStructs
+  with shardings), `data_iter` restored in place; None when the folder holds no step. See the module docstring for
+  damaged steps."""
   damaged = []
   for step in sorted(mngr.all_steps(), reverse=True):
     out, error = _try_restore(mngr, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -84,12 +109,14 @@ def restore_latest(mngr, abstract, data_iter, meta):
       raise DataError(f'{mngr.directory} holds a checkpoint of {out["meta"]}, but this run trains {meta}: use '
                       'another workdir or delete that folder')
     if error is None:
-      out, error = _try_restore(mngr, step, ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)))
+      items = dict(state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter))
+      if os.path.isdir(os.path.join(mngr.directory, str(step), 'log')):   # absent in checkpoints of older versions
+        items['log'] = ocp.args.JsonRestore()
+      out, error = _try_restore(mngr, step, ocp.args.Composite(**items))
     if _everywhere(error is None, f'restore {step}'):
       if damaged:
         _set_aside(mngr, damaged, step)
-      return out['state']['state'], out['state']['rng']
+      return out['state']['state'], out['state']['rng'], out['log']['unlogged'] if 'log' in items else []
     damaged.append((step, error or RuntimeError('another process could not read it')))
   if damaged:
     raise DataError(f'no checkpoint in {mngr.directory} can be restored (newest: step {damaged[0][0]}, '

@@ -51,7 +51,7 @@ def _as_is(record, rng):
 def pretrain_source(hparams, seed):
   return pretrain_data.PretrainSource(int(hparams.num_images), int(hparams.image_size), int(hparams.num_classes),
                                       int(seed), tuple(float(v) for v in hparams.object_scale),
-                                      bool(hparams.grey_class), bool(hparams.get('centred_bins', False)))
+                                      bool(hparams.grey_class), bool(hparams.centred_bins))
 
 
 def pretrain_loader(hparams, seed):

@@ -3,9 +3,10 @@
 A `Task` names the model, its hyper-parameters (config.train / config.aff), its data and its loss; `train` does the
 rest: ImageNet init, the original's SGD (seam_jax.train.optim), a jit step over a 1-D device mesh spanning every
 device of every host (batch sharded on 'data', parameters replicated), tqdm + TensorBoard + metrics.jsonl logging,
-orbax checkpoints holding the train state, the base rng and the grain iterator state (automatic resume; damaged steps
-skipped: seam_jax.train.checkpoints), and the final export for the inference stages. Per-step randomness is
-fold_in(base_rng, step), so a resumed run is identical to an uninterrupted one.
+orbax checkpoints holding the train state, the base rng, the grain iterator state and the metrics not logged yet
+(automatic resume; damaged steps skipped: seam_jax.train.checkpoints), and the final export for the inference stages.
+Per-step randomness is fold_in(base_rng, step), so a resumed run, its parameters and its log, is identical to an
+uninterrupted one.
 """
 import dataclasses
 import functools
@@ -27,7 +28,7 @@ from seam_jax import layout
 from seam_jax import models
 from seam_jax.common import distributed, files
 from seam_jax.common.errors import DataError
-from seam_jax.common.sharding import compiler_options, local_copy, make_mesh, replicate, shard_batch
+from seam_jax.common.sharding import compiler_options, local_copy, make_mesh, platform, replicate, shard_batch
 from seam_jax.models import export
 from seam_jax.train import checkpoints, optim
 
@@ -88,11 +89,11 @@ def init_variables(config, task, rng):
   """model.init on a dummy batch, then the ImageNet ResNet38 weights when configured (hparams.init_weights, else
   layout.init_weights: config.model.init_weights or the demo's pretraining export)."""
   variables = random_init(config, task)(rng)
-  path = task.hparams.get('init_weights', '') or layout.init_weights(config)
+  path = task.hparams.init_weights or layout.init_weights(config)
   if path:
     from seam_jax.models import convert  # pylint: disable=g-import-not-at-top  (lazy: only when weights are given)
     variables = convert.imagenet_init(variables, path, task.model_kind, config.model)
-  elif config.model.get('calibrate_bn', False):
+  elif config.model.calibrate_bn:
     loader, _ = task.make_loader(config.seed)
     batch = next(iter(loader))
     images = global_rows(task.input_images(batch) if task.input_images else batch['image'])
@@ -108,15 +109,6 @@ def global_rows(local):
     return np.asarray(local)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
-
-
-def create_state(config, task, rng, tx=None):
-  """Initial TrainState. `tx` defaults to the task's optimizer with hparams.max_steps (or 1) steps; the optimizer
-  state's structure does not depend on the step count."""
-  variables = init_variables(config, task, rng)
-  if tx is None:
-    tx, _ = optim.make_optimizer(task.hparams, variables['params'], max(int(task.hparams.max_steps), 1))
-  return state_from_variables(variables, tx)
 
 
 def state_from_variables(variables, tx):
@@ -147,7 +139,7 @@ def jit_train_step(train_step, mesh, fast_compile=False):
   repl = jax.sharding.NamedSharding(mesh, P())
   data = jax.sharding.NamedSharding(mesh, P('data'))
   return jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=(0,),
-                 compiler_options=compiler_options(fast_compile))
+                 compiler_options=compiler_options(fast_compile, platform(mesh)))
 
 
 # -------------------------------------------------------------------------------------------------- checkpoints
@@ -202,8 +194,9 @@ def _logged_step(line):
 
 
 def mean_metrics(history):
-  """Mean of each metric over the steps since the last log (the original's AverageMeter); `history`: host dicts."""
-  return {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+  """Mean of each metric over the steps since the last log (the original's AverageMeter); `history`: host dicts.
+  Summed in float64, so that values restored from a checkpoint's JSON (Python floats) give the same bits."""
+  return {k: float(np.mean(np.asarray([m[k] for m in history], np.float64))) for k in history[0]}
 
 
 def check_finite(task, history, first_step, mngr):
@@ -219,8 +212,9 @@ def check_finite(task, history, first_step, mngr):
 
 # -------------------------------------------------------------------------------------------------------- train
 def initial_state(config, task, mesh, mngr, data_iter, max_steps):
-  """(state, base rng, tx, schedule): restored from the latest checkpoint (with `data_iter`) or freshly
-  initialised (ImageNet weights when configured); replicated over `mesh`."""
+  """(state, base rng, tx, schedule, unlogged): restored from the latest checkpoint (with `data_iter` and the host
+  metrics of its steps after the last log line) or freshly initialised (ImageNet weights when configured; no
+  metrics); replicated over `mesh`."""
   init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))
   shapes = jax.eval_shape(random_init(config, task), init_rng)
   tx, schedule = optim.make_optimizer(task.hparams, shapes['params'], max_steps)
@@ -230,10 +224,10 @@ def initial_state(config, task, mesh, mngr, data_iter, max_steps):
   restored = checkpoints.restore_latest(mngr, abstract, data_iter, _meta(config, task))
   if restored is None:
     state = state_from_variables(init_variables(config, task, init_rng), tx)
-    return replicate(state, mesh), replicate(rng, mesh), tx, schedule
-  state, rng = restored
+    return replicate(state, mesh), replicate(rng, mesh), tx, schedule, []
+  state, rng, unlogged = restored
   logging.info('%s: resumed from step %d of %s', task.name, int(state.step), mngr.directory)
-  return state, rng, tx, schedule
+  return state, rng, tx, schedule, unlogged
 
 
 def train(config, task, stop_step=None):
@@ -243,8 +237,14 @@ def train(config, task, stop_step=None):
   Every process of a multi-host run calls it (jax.distributed, seam_jax.common.distributed); process 0 alone
   writes the logs and the export, checkpoints go through orbax's multi-process path. A non-finite metric (checked
   at log steps and before every save, where the host waits for the step anyway) or state (before every save) stops
-  training with a DataError naming the step; the last good checkpoint stays and nothing is exported.
+  training with a DataError naming the step; the last good checkpoint stays and nothing is exported. A failure of
+  one process (a file of its rows it cannot read, say) stops the others at once (distributed.failures_reported).
   Returns the final variables (host numpy)."""
+  with distributed.failures_reported():
+    return _train(config, task, stop_step)
+
+
+def _train(config, task, stop_step):
   hp = task.hparams
   workdir = layout.task_dir(config, task.name)
   mesh = make_mesh()
@@ -256,11 +256,11 @@ def train(config, task, stop_step=None):
   data_iter = iter(loader)
   mngr = checkpoints.manager(os.path.join(workdir, 'ckpt'), hp.keep_checkpoints)
   try:
-    state, rng, tx, schedule = initial_state(config, task, mesh, mngr, data_iter, max_steps)
+    state, rng, tx, schedule, unlogged = initial_state(config, task, mesh, mngr, data_iter, max_steps)
     start = int(state.step)
     log = MetricLogger(workdir, start)
     try:
-      state = _steps(config, task, mesh, mngr, log, (state, rng, tx, schedule, data_iter),
+      state = _steps(config, task, mesh, mngr, log, (state, rng, tx, schedule, data_iter, unlogged),
                      range(start, max_steps if stop_step is None else min(stop_step, max_steps)), max_steps)
     finally:
       log.close()
@@ -277,12 +277,16 @@ def train(config, task, stop_step=None):
 
 def _steps(config, task, mesh, mngr, log, run, steps, max_steps):
   """The training loop over `steps` (a range; of max_steps in all) from `run` = (state, rng, tx, schedule,
-  data_iter); returns the last state."""
+  data_iter, unlogged host metrics of the steps before steps.start); returns the last state.
+
+  A line is logged every log_every steps and at max_steps, with the mean metrics of the steps since the previous
+  line, whichever runs made them: a checkpoint (every ckpt_every steps and at the end of this run) keeps the host
+  metrics of its steps not logged yet, so split or resumed runs log what an uninterrupted one does."""
   hp, meta = task.hparams, _meta(config, task)
-  state, rng, tx, schedule, data_iter = run
+  state, rng, tx, schedule, data_iter, history = run
   step_fn = jit_train_step(make_train_step(models.build(task.model_kind, config.model), task, tx), mesh,
-                           hp.get('fast_compile', False))
-  history, timed, t0, end = [], 0, time.time(), steps.stop
+                           hp.fast_compile)
+  history, timed, t0, end = list(history), 0, time.time(), steps.stop
   bar = tqdm.tqdm(total=max_steps, initial=steps.start, desc=task.name, disable=not distributed.is_main())
   try:
     for step in steps:
@@ -297,7 +301,7 @@ def _steps(config, task, mesh, mngr, log, run, steps, max_steps):
         timed += 1
       bar.update(1)
       done = step + 1
-      log_now, save_now = done % hp.log_every == 0 or done == end, done % hp.ckpt_every == 0 or done == end
+      log_now, save_now = done % hp.log_every == 0 or done == max_steps, done % hp.ckpt_every == 0 or done == end
       if log_now or save_now:
         host = jax.device_get(history)
         check_finite(task, host, done - len(host) + 1, mngr)
@@ -306,7 +310,7 @@ def _steps(config, task, mesh, mngr, log, run, steps, max_steps):
         scalars.update(lr=float(schedule(step)), img_per_s=timed * hp.batch_size / (time.time() - t0))
         log.scalars(done, scalars)
         bar.set_postfix({k: f'{v:.4g}' for k, v in scalars.items()})
-        if task.image_summaries is not None and hp.get('image_summaries', False) and log.active:
+        if task.image_summaries is not None and hp.image_summaries and log.active:
           log.images(done, task.image_summaries(local_copy(state.variables), local))
         history, timed, t0 = [], 0, time.time()
       if save_now:
@@ -314,7 +318,7 @@ def _steps(config, task, mesh, mngr, log, run, steps, max_steps):
           mngr.wait_until_finished()
           raise DataError(f'{task.name}: non-finite parameters after step {done}; training stopped, the last good '
                           f'checkpoint (step {mngr.latest_step()}) stays in {mngr.directory}')
-        checkpoints.save(mngr, done, state, rng, data_iter, meta)
+        checkpoints.save(mngr, done, state, rng, data_iter, meta, host if history else ())
   finally:
     bar.close()   # also on an error: its message then starts on a line of its own
   return state
