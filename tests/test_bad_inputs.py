@@ -155,6 +155,7 @@ def test_label_pickle_that_runs_code(work):
   assert not os.path.exists(marker)
 
 
+@pytest.mark.slow
 def test_non_finite_loss(work):
   """A learning rate that blows the weights up: the step with a non-finite loss is named, the checkpoints saved
   before it hold finite states only (the trainer checks before each save), nothing is exported."""

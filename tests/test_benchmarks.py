@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_benchmark_command_tiny(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}   # one CPU device, as a user's run
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.run', '--size=tiny', f'--out={tmp_path}',

@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from seam_jax import models
 
 
+@pytest.mark.slow
 def test_calibrated_statistics_are_the_batch_statistics_of_each_bn_input():
   cfg = ml_collections.ConfigDict(dict(width_div=16, dtype='float32'))
   model = models.build('seam', cfg)

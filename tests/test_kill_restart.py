@@ -18,6 +18,8 @@ import pytest
 from configs import demo
 from seam_jax.models import convert
 
+pytestmark = pytest.mark.slow   # over ~20 s: `pytest -m "not slow"` leaves it out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 LOG_EVERY, CKPT_EVERY = 3, 2   # checkpoints between log lines hold the metrics of the steps not logged yet

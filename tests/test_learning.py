@@ -11,11 +11,14 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from configs import demo
 from seam_jax.data import prepare
 from seam_jax.infer import evaluation, cam_inference
 from seam_jax.train import seam_task, trainer
+
+pytestmark = pytest.mark.slow   # over ~20 s: `pytest -m "not slow"` leaves it out
 
 STEPS = 300
 

@@ -138,6 +138,7 @@ def assert_same_outputs(one, two, names):
       assert ra == rb, rel
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(data):
   tmp, overrides = data
   one, two = str(tmp / 'one'), str(tmp / 'two')

@@ -120,6 +120,7 @@ def assert_reordered(single, pair, steps, rtol):
       assert diff <= rtol * moved, (k, diff, moved, rtol)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(data):
   tmp, crop, flags = data
   one, two = str(tmp / 'one'), str(tmp / 'two')

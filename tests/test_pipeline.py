@@ -252,6 +252,7 @@ def _check_report(c):
   assert [r['stage'] for r in summary['stages']] == names + stages.baseline_stages(names)
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path):
   for d in ('cwd', 'tmp'):
     os.makedirs(tmp_path / d)

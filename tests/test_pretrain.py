@@ -85,6 +85,7 @@ def make_config(tmp_path):
   return c
 
 
+@pytest.mark.slow
 def test_pretraining_learns_and_seam_starts_from_its_backbone(tmp_path):
   config = make_config(tmp_path)
   assert stages.select('', config)[:4] == ['demo', 'prepare', 'pretrain', 'train']

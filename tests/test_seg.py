@@ -77,6 +77,7 @@ def test_head_parity_eval():
   assert low.shape == (2, 7, 9, 21)      # ceil(ceil(ceil(50 / 2) / 2) / 2) = 7, 66 -> 9
 
 
+@pytest.mark.slow
 def test_group_batchnorm_training_matches_dataparallel():
   """QUIRK Q1: batch of 4 on 2 'GPUs' (groups of 2): logits and the running statistics (replica 0's) match."""
   ref, model, variables = reference(seed=1)
@@ -215,6 +216,7 @@ def random_batch(n, hw, seed=0):
   label[:, :3] = 255
   return {'image': r.normal(size=(n,) + hw + (3,)).astype(np.float32), 'label': label}
 
+@pytest.mark.slow
 def test_train_steps_match_the_original():
   """Two SGD steps (groups, weight decay, momentum, poly lr over max+1, BN statistics of group 0) from the same
   weights on the same batch, dropout off: parameters, statistics and losses match the original's train.py."""

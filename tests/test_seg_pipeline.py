@@ -19,6 +19,8 @@ from seam_jax.data import input_pipeline, seg_data, voc
 from seam_jax.models import convert, export
 from seam_jax.train import seg_task, trainer
 
+pytestmark = pytest.mark.slow   # over ~20 s: `pytest -m "not slow"` leaves it out
+
 
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):

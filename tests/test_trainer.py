@@ -97,6 +97,7 @@ def runs(tmp_path_factory):
               stopped_export=stopped_export)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(runs):
   assert not runs['stopped_export']
   for a, b in zip(jax.tree.leaves(runs['straight']), jax.tree.leaves(runs['resumed'])):
@@ -178,6 +179,7 @@ def float32_reorder_rtol(params, image_shape):
   return 2 * 2. ** -24 * (int(np.prod(image_shape[:3])) + 2 * contraction)
 
 
+@pytest.mark.slow
 def test_data_parallel_step_matches_single_device(runs):
   """One jit step on 1 device and on 8 (batch sharded, same global batch, same dropout rng): the same update up to
   float32 summation order; another dropout rng gives a different update (the tolerance discriminates)."""
