@@ -151,17 +151,27 @@ def matmul_peak(dtype='float32', n=None, repeats=5):
   return {'n': n, 'flops_per_s': 2 * n ** 3 / t}
 
 
+def memory_analysis_mb(compiled):
+  """XLA's memory analysis of a compiled jax function in MB: argument, output, temp (temporaries), alias (outputs
+  in donated arguments), code (generated code) and total = argument + output + temp - alias; {} when the backend
+  gives none."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {}
+  mb = {k: getattr(mem, f'{k}_size_in_bytes') / 2 ** 20 for k in ('argument', 'output', 'temp', 'alias')}
+  mb['generated_code'] = mem.generated_code_size_in_bytes / 2 ** 20
+  return {**{f'{k}_mb': v for k, v in mb.items()}, 'total_mb': mb['argument'] + mb['output'] + mb['temp'] - mb['alias']}
+
+
 def xla_analysis(compiled):
   """FLOPs (XLA's count: a multiply-add is 2) and the memory the executable needs (arguments + outputs +
   temporaries - aliased) of a compiled jax function."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   out = {'flops': float(cost.get('flops', 0.)) if cost else None}
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes -
-             mem.alias_size_in_bytes)
-    out.update(xla_memory_mb=total / 2 ** 20, xla_temp_mb=mem.temp_size_in_bytes / 2 ** 20)
+  mem = memory_analysis_mb(compiled)
+  if mem:
+    out.update(xla_memory_mb=mem['total_mb'], xla_temp_mb=mem['temp_mb'])
   return out
 
 

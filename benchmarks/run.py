@@ -1,10 +1,11 @@
 """The benchmark command: JAX against the PyTorch original, same machine, same weights and inputs, one run.
 
-  python -m benchmarks.run --size=tiny|demo|full [--only=train,cam,rw,crf,loader,throughput] [--out=DIR]
+  python -m benchmarks.run --size=tiny|demo|full [--only=train,cam,rw,crf,loader,throughput,memory] [--out=DIR]
 
 Every measurement runs in a fresh process (its own memory peak, nothing left over from the others) after a warm-up:
 train steps as the median step time, CAM inference, CRF, loaders and real-loader training as the rate over the
-whole run. Writes <out>/<machine>-<size>.json (every number, the machine's description) and
+whole run; the memory group: XLA's memory analysis of each step, remat off and on, against PyTorch's peak
+(benchmarks/memory.py). Writes <out>/<machine>-<size>.json (every number, the machine's description) and
 <out>/<machine>-<size>.md (the tables of benchmarks/README.md); groups left out by --only keep the numbers of an
 earlier run in those files. The JAX backend is whatever JAX finds (CPU, GPU,
 TPU); PyTorch runs on CUDA when it has it, else on every CPU core. See benchmarks/README.md for what each row means.
@@ -19,10 +20,10 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks import harness, inference, input as input_bench, report, train_steps
+from benchmarks import harness, inference, input as input_bench, memory, report, train_steps
 from seam_jax.common import files
 
-GROUPS = ('train', 'cam', 'rw', 'crf', 'loader', 'throughput')
+GROUPS = ('train', 'cam', 'rw', 'crf', 'loader', 'throughput', 'memory')
 flags.DEFINE_enum('size', 'demo', list(harness.SIZES), 'network width and image sizes (harness.SIZES)')
 flags.DEFINE_list('only', list(GROUPS), f'benchmark groups to run, of {GROUPS}')
 flags.DEFINE_bool('bf16', True, "also the JAX rows with config.model.dtype='bfloat16'")
@@ -74,6 +75,8 @@ def run_groups(size, root, groups, dtypes, threads=0):
     measure(r, 'loader/device_half', input_bench.device_half_job, size=size, root=root)
   if 'throughput' in groups:
     measure(r, 'throughput', input_bench.train_throughput_job, size=size, root=root, workers=cores)
+  if 'memory' in groups:
+    memory.run_group(measure, r, size, threads)
   return r
 
 
@@ -97,7 +100,7 @@ def main(argv):
       old = json.load(f)
     doc.update(commands=list(dict.fromkeys(old.get('commands', [old.get('command')]) + doc['commands'])),
                seconds=old.get('seconds', 0) + doc['seconds'], results={**old['results'], **results})
-  md = report.markdown(doc)
+  md = report.markdown(doc) + memory.markdown(doc['results'])
   files.atomic_write_text(name + '.json', json.dumps(doc, indent=1, default=str))
   files.atomic_write_text(name + '.md', md)
   print(md)

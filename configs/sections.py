@@ -24,6 +24,7 @@ def trainer(**values):
   t.keep_checkpoints = 3
   t.image_summaries = False
   t.fast_compile = False            # CPU only: compile the step without LLVM optimisation (small runs)
+  t.remat = False                   # models.build(remat=...): recompute early blocks in the backward, same results
   unknown = set(values) - set(t.keys())
   if unknown:
     raise KeyError(f'sections.trainer: no trainer fields {sorted(unknown)}')

@@ -17,6 +17,16 @@ def get_config():
 
   # Data (section 8). `voc_root` holds JPEGImages/, SegmentationClass(Aug)/, Annotations/, ImageSets/.
   c.data = ml_collections.ConfigDict()
+  # The input layout (README, "Bring your own data"): 'voc' (voc_root below), 'coco' (COCO-format JSON:
+  # train_annotations / val_annotations, image_dir / val_image_dir) or 'csv' (images + an `image,labels` CSV, no
+  # masks: the evaluation stages are skipped). prepare turns each into the same lists, labels and dataset.json.
+  c.data.format = 'voc'
+  c.data.classes = ()               # foreground class names in index order; () = VOC's 20 (voc) or the CSV's sorted
+                                    # names (csv); coco takes them from the JSON's categories (sorted by id)
+  c.data.train_annotations = ''     # coco: instances_train*.json; csv: the training images' label CSV
+  c.data.val_annotations = ''       # coco / csv: the same for the val images ('' = no val set)
+  c.data.image_dir = ''             # coco / csv: the folder the training file names are relative to
+  c.data.val_image_dir = ''         # '' = image_dir
   c.data.voc_root = 'data/VOC2012'
   c.data.sbd_root = ''              # optional SBD `dataset/` folder (cls/*.mat, train.txt, val.txt)
   c.data.list_dir = ''              # '' = <workdir>/lists: prepare writes train_aug.txt, train.txt, val.txt here
@@ -69,7 +79,7 @@ def get_config():
   # Evaluation (section 5).
   c.eval = ml_collections.ConfigDict()
   c.eval.list = 'train'
-  c.eval.gt_dir = ''                # '' = <voc_root>/SegmentationClass
+  c.eval.gt_dir = ''                # '' = <voc_root>/SegmentationClass (voc), <workdir>/gt (coco), none (csv)
   c.eval.pred_dir = ''              # '' = infer.cam_dir
   c.eval.pred_type = 'npy'          # 'npy' (CAM dicts + threshold curve), 'crf' (CRF score dicts) or 'png'
   c.eval.thresholds = (0.0, 0.6, 0.01)  # start, stop (exclusive), step -> 60 values

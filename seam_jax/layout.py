@@ -4,7 +4,9 @@ Every output folder derives from `config.workdir`; a path field set explicitly i
 overrides the derived one. The run folder:
 
   <workdir>/VOC2012/              the generated demo set (demo configs; real runs set data.voc_root)
-  <workdir>/lists/                train_aug.txt, train.txt, val.txt, cls_labels.npy          (prepare)
+  <workdir>/lists/                train_aug.txt, train.txt, val.txt, cls_labels.npy, dataset.json
+                                  (+ image_paths.tsv: COCO and CSV formats)                  (prepare)
+  <workdir>/gt/<id>.png           ground-truth masks rasterised from COCO-format JSON        (prepare, coco)
   <workdir>/pretrain/             ckpt/, export/, metrics.jsonl, tb/               (pretrain: demo backbone)
   <workdir>/seam/                 ckpt/, export/, metrics.jsonl, tb/                         (train)
   <workdir>/cam/<id>.npy          CAM dicts                                                  (infer)
@@ -23,9 +25,14 @@ overrides the derived one. The run folder:
   <workdir>/report/               summary.json, report.html, curve and image-strip PNGs      (pipeline)
   <workdir>/baseline/             the same stages again with the plain-CAM baseline          (compare_baseline)
 """
+import dataclasses
+import functools
 import os
 
-from seam_jax.data import voc
+from seam_jax.common.errors import DataError
+from seam_jax.data import dataset_info, voc
+
+FORMATS = ('voc', 'coco', 'csv')   # data.format: the input layouts prepare reads (README, "Bring your own data")
 
 
 def _or(value, *default):
@@ -54,12 +61,100 @@ def read_ids(config, name_or_path):
   return voc.read_list(list_path(config, name_or_path))
 
 
+def data_format(config):
+  """data.format, checked: 'voc' (the VOC layout), 'coco' (COCO-format JSON) or 'csv' (images + a label CSV)."""
+  fmt = config.data.format
+  if fmt not in FORMATS:
+    raise DataError(f'config.data.format must be one of {FORMATS}, got {fmt!r}')
+  return fmt
+
+
+def dataset_file(config):
+  """<list_dir>/dataset.json: the class set prepare wrote (seam_jax.data.dataset_info)."""
+  return os.path.join(list_dir(config), dataset_info.FILE_NAME)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_dataset(path, stamp):
+  del stamp   # the cache key: a rewritten file is read again
+  return dataset_info.DatasetInfo.from_json(path)
+
+
+def _stamp(path):
+  st = os.stat(path)
+  return st.st_mtime_ns, st.st_size
+
+
+def dataset(config):
+  """The run's class set (DatasetInfo): <list_dir>/dataset.json when prepare wrote it; before that (and for a VOC
+  layout whose lists come from elsewhere) data.classes, '' / () = VOC's 20 classes. The COCO and CSV formats have no
+  class set before prepare: an error saying so."""
+  path = dataset_file(config)
+  if os.path.isfile(path):
+    return _read_dataset(path, _stamp(path))
+  if data_format(config) != 'voc':
+    raise DataError(f'{path} not found: run prepare first (it reads the class set of the {config.data.format} data)')
+  if config.data.classes:
+    return dataset_info.DatasetInfo.parse('config.data.classes', 'voc_layout', list(config.data.classes))
+  return dataset_info.DatasetInfo.VOC
+
+
+def num_classes(config):
+  """K, the foreground classes of the run: the width of every image label."""
+  return dataset(config).num_classes
+
+
+def num_outputs(config):
+  """K + 1: the class heads' outputs (background first)."""
+  return dataset(config).num_classes + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Images:
+  """Where each image id's file is (picklable, for loader workers): VOC's <voc_root>/JPEGImages/<id>.jpg, or for
+  the COCO and CSV formats the map prepare wrote to <list_dir>/image_paths.tsv."""
+  voc_root: str
+  paths: dict | None = None
+
+  def __call__(self, image_id):
+    if self.paths is None:
+      return os.path.join(self.voc_root, 'JPEGImages', image_id + '.jpg')
+    try:
+      return self.paths[image_id]
+    except KeyError:
+      raise DataError(f'image id {image_id!r} is not in the image index of prepare ({dataset_info.IMAGE_PATHS})'
+                      ) from None
+
+
+@functools.lru_cache(maxsize=8)
+def _read_image_paths(folder, stamp):
+  del stamp
+  return dataset_info.read_image_paths(folder)
+
+
+def images(config):
+  """The run's Images (id -> image file)."""
+  if data_format(config) == 'voc':
+    return Images(voc_root(config))
+  index = os.path.join(list_dir(config), dataset_info.IMAGE_PATHS)
+  if not os.path.isfile(index):
+    raise DataError(f'{index} not found: run prepare first (it indexes the images of the {config.data.format} data)')
+  return Images(voc_root(config), _read_image_paths(list_dir(config), _stamp(index)))
+
+
 def image_path(config, image_id):
-  return os.path.join(voc_root(config), 'JPEGImages', image_id + '.jpg')
+  return images(config)(image_id)
 
 
 def gt_dir(config):
-  return _or(config.eval.gt_dir, voc_root(config), 'SegmentationClass')
+  """The ground-truth masks: eval.gt_dir; '' = <voc_root>/SegmentationClass (VOC), <workdir>/gt (COCO: prepare
+  rasterises them), '' for the CSV format, which has none (the evaluation stages are skipped)."""
+  if config.eval.gt_dir:
+    return config.eval.gt_dir
+  fmt = data_format(config)
+  if fmt == 'csv':
+    return ''
+  return os.path.join(config.workdir, 'gt') if fmt == 'coco' else os.path.join(voc_root(config), 'SegmentationClass')
 
 
 def task_dir(config, task_name):
@@ -234,7 +329,8 @@ def cam_label_path(config, image_id):
 
 def cam_overlay_path(config, image_id, cls):
   """The optional CAM overlay of foreground class `cls` (0-based) of one image (infer.overlay_dir)."""
-  return os.path.join(config.infer.overlay_dir, f'{image_id}_{voc.CLASSES[cls + 1]}.png')
+  name = dataset(config).classes[cls].replace(' ', '_').replace(os.sep, '_')
+  return os.path.join(config.infer.overlay_dir, f'{image_id}_{name}.png')
 
 
 _PER_IMAGE_OUTPUTS = {

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,3 +68,21 @@ def test_profile_command_tiny():
   rows = {l.split(' | ')[0].strip('| '): l.split(' | ')[1:] for l in proc.stdout.splitlines() if l.startswith('| ')}
   assert float(rows['conv forward'][0]) > 0 and float(rows['conv forward'][2]) > 0   # JAX and PyTorch ms
   assert float(rows['total'][0]) > 0 and float(rows['total'][2]) > 0
+
+
+def test_memory_group_tiny(tmp_path):
+  """The memory group alone: XLA's plan with and without remat (remat needs less), PyTorch's peak, step times."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.run', '--size=tiny', '--only=memory', '--nobf16',
+                         f'--out={tmp_path}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (md,) = tmp_path.glob('*-tiny.md')
+  res = json.loads(md.with_suffix('.json').read_text())['results']
+  for kind, batch in (('seam', 2), ('affinity', 2), ('deeplab', 5)):
+    jx, pt = res[f'memory/{kind}/jax'], res[f'memory/{kind}/torch']
+    assert jx['batch'] == pt['batch'] == batch and pt['peak_alloc_mb'] > 0
+    assert 0 < jx['remat_on']['total_mb'] < jx['remat_off']['total_mb']
+    off, on = res[f'memory/{kind}/time/remat_off'], res[f'memory/{kind}/time/remat_on']
+    assert off['seconds'] > 0 and on['seconds'] > 0 and abs(on['loss'] - off['loss']) <= 1e-4 * abs(off['loss'])
+  assert 'remat_on_no_donation' in res['memory/seam/jax']
+  assert 'Memory at the original' in md.read_text()

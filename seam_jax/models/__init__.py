@@ -3,6 +3,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from seam_jax.data import voc
+
 from seam_jax.models.affinity import AffinityNet
 from seam_jax.models.deeplab import DeepLab
 from seam_jax.models.resnet38 import FROZEN, ResNet38
@@ -11,11 +13,15 @@ from seam_jax.models.seam import SEAM
 MODELS = {'seam': SEAM, 'affinity': AffinityNet, 'deeplab': DeepLab}
 
 
-def build(kind, model_config):
-  """`kind` in MODELS; `model_config` has width_div and dtype ('float32' or 'bfloat16')."""
+def build(kind, model_config, remat=False, num_classes=voc.NUM_CLASSES):
+  """`kind` in MODELS; `model_config` has width_div and dtype ('float32' or 'bfloat16'); `remat` (a trainer section's
+  `remat`): the backward of seam_jax.models.resnet38.tied_vjp, less memory for the same results; `num_classes`: the
+  heads' outputs, background included (K + 1: seam_jax.layout.num_outputs(config); AffinityNet has no class head)."""
   if kind not in MODELS:
     raise ValueError(f'unknown model kind {kind!r}; expected one of {sorted(MODELS)}')
-  return MODELS[kind](width_div=model_config.width_div, dtype=jnp.dtype(model_config.dtype))
+  extra = {} if kind == 'affinity' else {'num_classes': int(num_classes)}
+  return MODELS[kind](width_div=model_config.width_div, dtype=jnp.dtype(model_config.dtype), remat=bool(remat),
+                      **extra)
 
 
 def _label_params(params, fn):

@@ -104,7 +104,9 @@ class DeepLab(BackboneNet):
     norm = batch_norm(self.bn_mode if train else 'frozen', self.bn_group, self.bn_momentum)
     dropout = train if dropout is None else dropout
     d = self.features(x, dropout, norm)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_fan_out, dtype=self.dtype)
+    tied = resnet38.tied_vjp(jax.lax.conv_general_dilated) if self.remat else None   # remat: as the backbone's convs
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_fan_out, dtype=self.dtype,
+                             conv_general_dilated=tied)
     h = conv(self.ch(512), (3, 3), padding=((12, 12), (12, 12)), kernel_dilation=12, name='conv_fov')(d['conv6'])
     h = nn.relu(norm('bn_fov', self.dtype)(h))
     h = nn.relu(norm('bn_fov2', self.dtype)(conv(self.ch(512), (1, 1), name='conv_fov2')(h)))

@@ -29,6 +29,7 @@ from seam_jax import models
 from seam_jax.common import distributed, files
 from seam_jax.common.errors import DataError
 from seam_jax.common.sharding import compiler_options, local_copy, make_mesh, platform, replicate, shard_batch
+from seam_jax.data import voc
 from seam_jax.models import export
 from seam_jax.train import checkpoints, optim
 
@@ -46,6 +47,7 @@ class Task:
   image_summaries: Optional[Callable] = None  # (variables, batch) -> {name: uint8 (N, H, W, 3)}, host side
   input_images: Optional[Callable] = None  # batch -> network input (device augmentation); None: batch['image']
   updates_batch_stats: bool = False         # loss_fn returns (loss, (metrics, new batch_stats)): BN in train mode
+  num_outputs: int = voc.NUM_CLASSES        # the class head's outputs, background included (layout.num_outputs)
 
 
 @flax.struct.dataclass
@@ -72,9 +74,10 @@ def num_steps(hparams, num_records):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_init(kind, width_div, dtype, shape):
+def _jitted_init(kind, width_div, dtype, shape, num_classes):
   """One compiled model.init per model/shape; a one-off computation, so always compiled fast."""
-  model = models.build(kind, ml_collections.ConfigDict({'width_div': width_div, 'dtype': dtype}))
+  model = models.build(kind, ml_collections.ConfigDict({'width_div': width_div, 'dtype': dtype}),
+                       num_classes=num_classes)
   x = jnp.zeros((1, *shape, 3), jnp.float32)
   return jax.jit(lambda r: flax.core.unfreeze(model.init({'params': r, 'dropout': r}, x)),
                  compiler_options=compiler_options(True))
@@ -82,7 +85,7 @@ def _jitted_init(kind, width_div, dtype, shape):
 
 def random_init(config, task):
   return _jitted_init(task.model_kind, int(config.model.width_div), str(config.model.dtype),
-                      tuple(task.init_input_shape))
+                      tuple(task.init_input_shape), task.num_outputs)
 
 
 def init_variables(config, task, rng):
@@ -97,7 +100,8 @@ def init_variables(config, task, rng):
     loader, _ = task.make_loader(config.seed)
     batch = next(iter(loader))
     images = global_rows(task.input_images(batch) if task.input_images else batch['image'])
-    variables = models.calibrate_batchnorm(models.build(task.model_kind, config.model), variables, images)
+    model = models.build(task.model_kind, config.model, num_classes=task.num_outputs)
+    variables = models.calibrate_batchnorm(model, variables, images)
     logging.info('%s: no initial weights; BatchNorm statistics calibrated on %d images', task.name, len(images))
   return variables
 
@@ -284,8 +288,8 @@ def _steps(config, task, mesh, mngr, log, run, steps, max_steps):
   metrics of its steps not logged yet, so split or resumed runs log what an uninterrupted one does."""
   hp, meta = task.hparams, _meta(config, task)
   state, rng, tx, schedule, data_iter, history = run
-  step_fn = jit_train_step(make_train_step(models.build(task.model_kind, config.model), task, tx), mesh,
-                           hp.fast_compile)
+  model = models.build(task.model_kind, config.model, hp.remat, task.num_outputs)
+  step_fn = jit_train_step(make_train_step(model, task, tx), mesh, hp.fast_compile)
   history, timed, t0, end = list(history), 0, time.time(), steps.stop
   bar = tqdm.tqdm(total=max_steps, initial=steps.start, desc=task.name, disable=not distributed.is_main())
   try:
