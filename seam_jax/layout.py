@@ -154,7 +154,12 @@ def gt_dir(config):
   fmt = data_format(config)
   if fmt == 'csv':
     return ''
-  return os.path.join(config.workdir, 'gt') if fmt == 'coco' else os.path.join(voc_root(config), 'SegmentationClass')
+  return coco_gt_dir(config) if fmt == 'coco' else os.path.join(voc_root(config), 'SegmentationClass')
+
+
+def coco_gt_dir(config):
+  """<workdir>/gt: where prepare rasterises the masks of a COCO-format set (a folder of the run)."""
+  return os.path.join(config.workdir, 'gt')
 
 
 def task_dir(config, task_name):

@@ -58,10 +58,13 @@ def check(st, config):
 
 
 def user_data(config):
-  """The data folders the run reads but did not create, where nothing may be written (seam_jax.common.files
-  .protecting): data.voc_root unless the demo generated it (or may: missing or empty), data.sbd_root, eval.gt_dir."""
+  """The data folders and files the run reads but did not create, where nothing may be written (seam_jax.common.files
+  .protecting): data.voc_root unless the demo generated it (or may: missing or empty), data.sbd_root, eval.gt_dir,
+  and the COCO / CSV formats' annotation files and image folders."""
   from seam_jax.data import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
-  roots, voc_root = [config.data.sbd_root, config.eval.gt_dir], config.data.voc_root
+  d = config.data
+  roots = [d.sbd_root, config.eval.gt_dir, d.train_annotations, d.val_annotations, d.image_dir, d.val_image_dir]
+  voc_root = d.voc_root
   if voc_root and not prepare_lib.demo_may_write(voc_root):
     roots.append(voc_root)
   return [r for r in roots if r]
@@ -114,6 +117,12 @@ def _run_stages(config, names, force, options, label):
   log, records = read_log(config), []
   for k, name in enumerate(names, 1):
     st, tag, t0 = stages.STAGES[name], f'[{k}/{len(names)}] {label}{name}', time.time()
+    why_not = st.skip_reason(config)
+    if why_not:
+      print(f'{tag}: skipped: {why_not}', flush=True)
+      records.append({'stage': label + name, 'status': 'skipped', 'seconds': 0., 'run_seconds': None,
+                      'summary': {}, 'reason': why_not})
+      continue
     state, reasons, record = check(st, config)
     distributed.barrier(f'{name} checked')   # every process decided before process 0 changes anything
     if state == 'complete' and not force:
@@ -172,6 +181,9 @@ def status_lines(config, names):
   lines, rerun = [], {}   # rerun: output path -> the stage that will remake it
   for name in names:
     st = stages.STAGES[name]
+    if st.skip_reason(config):
+      lines.append(f'{name}: skipped ({st.skip_reason(config)})')
+      continue
     state, reasons, _ = check(st, config)
     ins = st.inputs(config) or []
     upstream = sorted({rerun[p] for p in ins if p in rerun})

@@ -38,16 +38,18 @@ class Stage:
   evaluations: Callable | None = None  # config -> [(name, pred_dir, pred_type, list)]: evaluation stages
   applies: Callable = lambda config: True  # in the default order ('demo': demo configs only)
   main_only: bool = False             # run by process 0 alone (the others wait): host-only stages writing shared files
+  skip_reason: Callable = lambda config: ''  # non-empty: the stage cannot run on this data (a line says why)
 
 
 STAGES = {}  # name -> Stage, in pipeline order
 
 
 def stage(name, outputs, inputs=_none, fields=(), kind='rewrite', task='', evaluations=None,
-          applies=lambda config: True, main_only=False):
+          applies=lambda config: True, main_only=False, skip_reason=lambda config: ''):
   """Register the decorated run function as the stage `name`, after the stages registered before it."""
   def register(fn):
-    STAGES[name] = Stage(name, fn, outputs, inputs, tuple(fields), kind, task, evaluations, applies, main_only)
+    STAGES[name] = Stage(name, fn, outputs, inputs, tuple(fields), kind, task, evaluations, applies, main_only,
+                         skip_reason)
     return fn
   return register
 
@@ -71,6 +73,12 @@ def _concat(*lists):
 
 def _images(c, list_name):
   return _per_id(lambda i: layout.image_path(c, i), ids_or_none(c, list_name))
+
+
+def _dataset(c):
+  """[<list_dir>/dataset.json] once prepare wrote it (the class set a stage reads), else []."""
+  path = layout.dataset_file(c)
+  return [path] if os.path.isfile(path) else []
 
 
 def _weights(path):
@@ -98,8 +106,10 @@ def _train_summary(config, task_name):
 
 # ------------------------------------------------------------------------------------------------ the stages
 def _demo_applies(c):
-  """Demo configs whose set goes to the derived <workdir>/VOC2012 or to a folder the demo may write (not a user's)."""
-  return 'demo' in c and (not c.data.voc_root or prepare_lib.demo_may_write(c.data.voc_root))
+  """Demo configs reading the VOC layout, whose set goes to the derived <workdir>/VOC2012 or to a folder the demo may
+  write (not a user's)."""
+  return ('demo' in c and layout.data_format(c) == 'voc' and
+          (not c.data.voc_root or prepare_lib.demo_may_write(c.data.voc_root)))
 
 
 @stage('demo', outputs=lambda c: [layout.voc_split(c, s) for s in ('train', 'val')], fields=('demo',),
@@ -109,11 +119,24 @@ def run_demo(config, force=False, workers=0):
   return prepare_lib.make_demo(config, force=force, workers=workers or os.cpu_count()) or {}
 
 
-@stage('prepare', outputs=lambda c: ([layout.list_path(c, n) for n in prepare_lib.LIST_NAMES] +
-                                     [layout.cls_labels(c)]),
-       inputs=lambda c: [layout.voc_root(c)] + ([c.data.sbd_root] if c.data.sbd_root else []),
-       fields=('data.voc_root', 'data.sbd_root', 'data.label_source', 'data.list_dir', 'data.cls_labels',
-               'data.on_error'), main_only=True)
+def _prepare_outputs(c):
+  extra = {'voc': [], 'coco': [layout.coco_gt_dir(c)], 'csv': []}[layout.data_format(c)]
+  index = [] if layout.data_format(c) == 'voc' else [os.path.join(layout.list_dir(c), 'image_paths.tsv')]
+  return ([layout.list_path(c, n) for n in prepare_lib.LIST_NAMES] + [layout.cls_labels(c), layout.dataset_file(c)]
+          + index + extra)
+
+
+def _prepare_inputs(c):
+  d = c.data
+  if layout.data_format(c) == 'voc':
+    return [layout.voc_root(c)] + ([d.sbd_root] if d.sbd_root else [])
+  return [p for p in (d.train_annotations, d.image_dir, d.val_annotations, d.val_image_dir) if p]
+
+
+@stage('prepare', outputs=_prepare_outputs, inputs=_prepare_inputs,
+       fields=('data.format', 'data.classes', 'data.train_annotations', 'data.val_annotations', 'data.image_dir',
+               'data.val_image_dir', 'data.voc_root', 'data.sbd_root', 'data.label_source', 'data.list_dir',
+               'data.cls_labels', 'data.on_error'), main_only=True)
 def run_prepare(config, force=False, workers=0):
   del force  # always rewrites its outputs
   return prepare_lib.prepare(config, workers=workers or os.cpu_count())
@@ -149,7 +172,7 @@ _train_stage('pretrain', 'pretrain', _pretrain, inputs=_none,
              applies=lambda c: 'pretrain' in c and c.pretrain.enabled)
 
 _train_stage('train', 'seam', _trains('seam_task', 'seam_task'),
-             inputs=lambda c: _concat([layout.list_path(c, c.data.train_list), layout.cls_labels(c)],
+             inputs=lambda c: _concat([layout.list_path(c, c.data.train_list), layout.cls_labels(c)], _dataset(c),
                                       _weights(layout.init_weights(c)), _images(c, c.data.train_list)),
              fields=('seed', 'model', 'data', '!data.aff_canvas', 'train'))
 
@@ -164,7 +187,7 @@ def _per_image_outputs(name, list_of):
 
 @stage('infer', outputs=_per_image_outputs('infer', lambda c: c.infer.list), kind='files',
        inputs=lambda c: _concat([layout.seam_weights(c), layout.cls_labels(c), layout.list_path(c, c.infer.list)],
-                                _images(c, c.infer.list)),
+                                _dataset(c), _images(c, c.infer.list)),
        fields=('model', 'infer', '!infer.crf_alphas', '!infer.crf_iters', '!infer.crf_dir', 'train.method'))
 def run_infer(config, force=False):
   """CAM dicts of infer.list."""
@@ -200,9 +223,17 @@ def brief(res, config):
 _PRED_EXT = {'png': '.png', 'npy': '.npy', 'crf': '.npy'}
 
 
+def no_ground_truth(config):
+  """Why the evaluation stages cannot run: the data set has no masks (data.format csv, no eval.gt_dir); '' else."""
+  if layout.gt_dir(config):
+    return ''
+  return (f'no ground truth: data.format {config.data.format!r} has no masks (set eval.gt_dir to score against '
+          'masks of your own)')
+
+
 def eval_stage(name, evaluations, fields=EVAL_FIELDS, applies=lambda config: True):
   """Register an evaluation stage: `evaluations(config)` -> [(name, pred_dir, pred_type, list)], each scored into
-  <eval_dir>/<name>/results.json by seam_jax.infer.evaluation."""
+  <eval_dir>/<name>/results.json by seam_jax.infer.evaluation; skipped (no_ground_truth) on data without masks."""
   def run(config, force=False):
     del force  # always rewrites its outputs
     from seam_jax.infer import evaluation  # pylint: disable=g-import-not-at-top
@@ -213,10 +244,10 @@ def eval_stage(name, evaluations, fields=EVAL_FIELDS, applies=lambda config: Tru
   def inputs(config):
     preds = [_per_id(lambda i, d=d, t=t: os.path.join(d, i + _PRED_EXT[t]), ids_or_none(config, l))
              for _, d, t, l in evaluations(config)]
-    return _concat([layout.gt_dir(config)], *preds)
+    return _concat([layout.gt_dir(config)] if layout.gt_dir(config) else [], _dataset(config), *preds)
 
   return stage(name, outputs=lambda c: [results_path(c, n) for n, *_ in evaluations(c)], inputs=inputs,
-               fields=fields, evaluations=evaluations, applies=applies)(run)
+               fields=fields, evaluations=evaluations, applies=applies, skip_reason=no_ground_truth)(run)
 
 
 eval_stage('eval_cam', lambda c: [('cam', layout.cam_dir(c), 'npy', c.eval.list)])
@@ -252,7 +283,7 @@ _train_stage('train_seg', 'seg', _trains('seg_task', 'seg_task'),
 
 
 @stage('test_seg', outputs=_per_image_outputs('test_seg', lambda c: c.seg.test_list), kind='files', fields=('model',) + SEG_TEST_FIELDS,
-       inputs=lambda c: _concat([layout.seg_weights(c)], _images(c, c.seg.test_list)))
+       inputs=lambda c: _concat([layout.seg_weights(c)], _dataset(c), _images(c, c.seg.test_list)))
 def run_test_seg(config, force=False):
   """Multi-scale + flip (+ CRF) label PNGs of seg.test_list with the segmentation net."""
   from seam_jax.infer import seg_inference  # pylint: disable=g-import-not-at-top

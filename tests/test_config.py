@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from configs import demo, voc12
+from configs import coco14, demo, voc12
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent('''
@@ -53,6 +53,21 @@ def test_demo_inherits_every_field():
                                               for x in keys(v, prefix + k + '.')}
   assert keys(full) <= keys(small)
   assert small.model.width_div > 1 and small.data.crop_size < full.data.crop_size
+
+
+def test_coco14_is_the_voc_recipe_on_coco():
+  """configs/coco14.py: the COCO format and its splits; every other value the VOC recipe's but the documented
+  choices (epochs, lists, AffinityNet's canvas)."""
+  coco, full = coco14.get_config(), voc12.get_config()
+  assert coco.data.format == 'coco' and coco.data.train_annotations.endswith('instances_train2014.json')
+  assert coco.data.val_annotations.endswith('instances_val2014.json')
+  assert (coco.train.epochs, coco.aff.epochs, coco.data.aff_canvas) == (3, 3, 640)
+  choices = {'workdir', 'data', 'train.epochs', 'aff.epochs', 'infer.list', 'eval.list', 'aff.train_list', 'rw.list',
+             'seg.train_list', 'seg.test_list'}
+  flat = lambda c: {f'{s}.{k}': v for s in c.keys() if hasattr(c[s], 'keys') for k, v in c[s].items()}
+  for key, value in flat(full).items():
+    if key not in choices and key.split('.')[0] not in choices:
+      assert flat(coco)[key] == value, key
 
 
 def test_override_from_command_line(tmp_path):

@@ -6,6 +6,11 @@ config.data.cls_labels (np.save of a dict id -> float32[20] for train_aug + val 
 annotations (every object name, difficult ones included: the original) or from the SegmentationClassAug masks
 (classes present but 0 and 255), per config.data.label_source. Every listed image and mask is decoded once in a
 process pool; a bad file raises DataError naming it, or with on_error='skip' is logged and its id dropped.
+
+The class set is VOC's 20 classes, or config.data.classes for a VOC-layout set of other classes (XML names and mask
+values 1..K follow its order); it is written as <list_dir>/dataset.json, which every later stage reads
+(seam_jax.layout.dataset). config.data.format 'coco' and 'csv' read COCO-format JSON (seam_jax.data.coco: masks
+rasterised into <workdir>/gt) or images + a label CSV (seam_jax.data.csv_labels) into the same files.
 """
 import dataclasses
 import os
@@ -16,11 +21,10 @@ import numpy as np
 
 from seam_jax import layout
 from seam_jax.common import errors, files, pools
-from seam_jax.data import voc
+from seam_jax.data import dataset_info, voc
 
 LIST_NAMES = ('train_aug', 'train', 'val', 'trainval')
 LABEL_SOURCES = ('xml', 'masks')
-_CLASS_INDEX = {name: k for k, name in enumerate(voc.CLASSES[1:])}
 
 
 def voc_path(voc_root, folder, image_id):
@@ -28,27 +32,29 @@ def voc_path(voc_root, folder, image_id):
   return os.path.join(voc_root, folder, image_id + ext)
 
 
-def xml_label(path):
-  """Multi-hot float32[20] of every `name` tag of a VOC annotation that is a class name (the original's rule)."""
+def xml_label(path, classes=voc.CLASSES[1:]):
+  """Multi-hot float32[K] of every `name` tag of a VOC annotation that is one of the K `classes` (the original's
+  rule)."""
   if not os.path.isfile(path):
     raise errors.DataError(f'annotation not found: {path}')
   try:
     root = ET.parse(path).getroot()
   except (ET.ParseError, OSError) as e:
     raise errors.DataError(f'cannot parse annotation {path}: {e}') from None
-  label = np.zeros(voc.NUM_FG, np.float32)
+  index = {name: k for k, name in enumerate(classes)}
+  label = np.zeros(len(classes), np.float32)
   for el in root.iter('name'):
-    k = _CLASS_INDEX.get((el.text or '').strip())
+    k = index.get((el.text or '').strip())
     if k is not None:
       label[k] = 1.
   return label
 
 
-def mask_label(mask):
-  """Multi-hot float32[20] of the classes present in a class-index mask (0 and 255 excluded)."""
-  label = np.zeros(voc.NUM_FG, np.float32)
+def mask_label(mask, num_classes=voc.NUM_FG):
+  """Multi-hot float32[K] of the classes present in a class-index mask (values 1..K; 0 and 255 excluded)."""
+  label = np.zeros(num_classes, np.float32)
   present = np.unique(mask)
-  present = present[(present >= 1) & (present <= voc.NUM_FG)]
+  present = present[(present >= 1) & (present <= num_classes)]
   label[present.astype(int) - 1] = 1.
   return label
 
@@ -79,7 +85,7 @@ class Checked:
   errors: list = dataclasses.field(default_factory=list)
 
 
-def check_id(voc_root, label_source, item):
+def check_id(voc_root, label_source, item, info=dataset_info.DatasetInfo.VOC):
   """Decode the image, the VOC mask (ids of train/val), the SegmentationClassAug mask and the annotation of one id.
 
   The label source's file must exist; the other source is read when present (to compare the two).
@@ -98,7 +104,7 @@ def check_id(voc_root, label_source, item):
   image = attempt(files.load_image, image_path)
 
   def load_mask(path):   # a mask must cover its image pixel for pixel
-    m = voc.load_mask(path)
+    m = files.load_index_png(path, info.mask_values())
     if image is not None and m.shape != image.shape[:2]:
       raise errors.DataError(f'mask {path} is {m.shape[0]}x{m.shape[1]} but its image {image_path} is '
                              f'{image.shape[0]}x{image.shape[1]}')
@@ -108,16 +114,16 @@ def check_id(voc_root, label_source, item):
   aug = voc_path(voc_root, 'SegmentationClassAug', image_id)
   if label_source == 'masks' or os.path.exists(aug):
     m = attempt(load_mask, aug)
-    out.mask = None if m is None else mask_label(m)
+    out.mask = None if m is None else mask_label(m, info.num_classes)
   ann = voc_path(voc_root, 'Annotations', image_id)
   if label_source == 'xml' or os.path.exists(ann):
-    out.xml = attempt(xml_label, ann)
+    out.xml = attempt(xml_label, ann, info.classes)
   return out
 
 
-def check_all(voc_root, items, label_source, workers=0):
+def check_all(voc_root, items, label_source, workers=0, info=dataset_info.DatasetInfo.VOC):
   """check_id over [(id, in_voc_seg)] with a process pool of `workers` (0: in this process), in order."""
-  fn = _CheckFn(voc_root, label_source)
+  fn = _CheckFn(voc_root, label_source, info)
   return list(pools.pool_imap(fn, items, max(int(workers), 1), desc='check files'))
 
 
@@ -125,9 +131,10 @@ def check_all(voc_root, items, label_source, workers=0):
 class _CheckFn:  # picklable partial of check_id
   voc_root: str
   label_source: str
+  info: dataset_info.DatasetInfo
 
   def __call__(self, item):
-    return check_id(self.voc_root, self.label_source, item)
+    return check_id(self.voc_root, self.label_source, item, self.info)
 
 
 def _few(ids, n=5):
@@ -135,9 +142,14 @@ def _few(ids, n=5):
 
 
 def prepare(config, workers=0):
-  """Build, check and write the lists and cls_labels.npy (seam_jax.layout); returns a summary dict (also logged)."""
+  """Build, check and write the lists, cls_labels.npy and dataset.json (seam_jax.layout) of data.format; returns a
+  summary dict (also logged)."""
+  fmt = layout.data_format(config)
+  if fmt != 'voc':
+    return prepare_other(config, fmt, workers)
   d = config.data
   voc_root, list_dir, cls_labels = layout.voc_root(config), layout.list_dir(config), layout.cls_labels(config)
+  info = voc_layout_info(config)
   if d.label_source not in LABEL_SOURCES:
     raise errors.DataError(f'config.data.label_source must be one of {LABEL_SOURCES}, got {d.label_source!r}')
   if d.on_error not in ('raise', 'skip'):
@@ -145,7 +157,7 @@ def prepare(config, workers=0):
   lists = build_lists(voc_root, d.sbd_root)
   seg_ids = set(lists['train']) | set(lists['val'])
   all_ids = sorted(set(lists['train_aug']) | seg_ids)
-  checked = check_all(voc_root, [(i, i in seg_ids) for i in all_ids], d.label_source, workers)
+  checked = check_all(voc_root, [(i, i in seg_ids) for i in all_ids], d.label_source, workers, info)
 
   bad = [c for c in checked if c.errors]
   if bad and d.on_error == 'raise':
@@ -168,6 +180,7 @@ def prepare(config, workers=0):
   for name in LIST_NAMES:
     voc.write_list(os.path.join(list_dir, name + '.txt'), lists[name])
   files.save_npy_dict(cls_labels, labels)
+  info.write(list_dir)
 
   summary = {'lists': {k: len(lists[k]) for k in LIST_NAMES}, 'labels': len(labels), 'skipped': sorted(dropped),
              'label_mismatch': mismatch, 'empty_labels': empty}
@@ -181,6 +194,35 @@ def prepare(config, workers=0):
   if empty:
     logging.warning('%d ids have no foreground class in their label: %s', len(empty), _few(empty))
   return summary
+
+
+def voc_layout_info(config):
+  """The class set of a VOC-layout set: data.classes, () = VOC's 20."""
+  if not config.data.classes:
+    return dataset_info.DatasetInfo.VOC
+  return dataset_info.DatasetInfo.parse('config.data.classes', 'voc_layout', list(config.data.classes))
+
+
+def prepare_other(config, fmt, workers=0):
+  """data.format 'coco' or 'csv': the reader's run files in list_dir (COCO: masks in layout.coco_gt_dir)."""
+  d = config.data
+  for key in ('train_annotations', 'image_dir'):
+    if not d[key]:
+      raise errors.DataError(f'config.data.{key} is empty: data.format {fmt!r} reads the training images from '
+                             'data.image_dir and their labels from data.train_annotations')
+  common = dict(list_dir=layout.list_dir(config), val_image_dir=d.val_image_dir, cls_labels=d.cls_labels,
+                workers=workers)
+  if fmt == 'coco':
+    from seam_jax.data import coco  # pylint: disable=g-import-not-at-top
+    if d.classes:
+      raise errors.DataError('config.data.classes is set, but data.format coco takes the classes from the JSON '
+                             'categories: leave it empty')
+    common['val_images'] = common.pop('val_image_dir')
+    return coco.prepare(d.train_annotations, d.image_dir, gt_dir=layout.coco_gt_dir(config),
+                        val_json=d.val_annotations, **common)
+  from seam_jax.data import csv_labels  # pylint: disable=g-import-not-at-top
+  return csv_labels.prepare(d.train_annotations, d.image_dir, val_csv=d.val_annotations,
+                            classes=list(d.classes) or None, **common)
 
 
 DEMO_MARKER = '.seam_jax_demo'   # written first into a folder the demo generates: the folder is the run's own
