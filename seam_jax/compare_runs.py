@@ -6,7 +6,8 @@ Reads each run's <workdir>/report/summary.json (seam_jax.report) and the demo st
 (seed, classes drawn). Writes, per run: the demo seed and classes, the pipeline's time (each stage's time when its
 outputs were made, summed) and the mIoU over present classes of every evaluation, SEAM and, when it ran, the
 plain-CAM baseline; then the mean and range (min-max) over the runs, and the lowest per-class IoU of each evaluation
-over the runs (the demo's bar: every class >= 50 after the random walk and after the segmentation net).
+over the runs (the demo's bar: every class >= 50 after the random walk and after the segmentation net), the
+classes named and ordered as in each run's data set.
 """
 import json
 import os
@@ -15,7 +16,6 @@ import sys
 from absl import app, flags
 
 from seam_jax.common import errors, files
-from seam_jax.data import voc
 from seam_jax.report import RUN_TITLES, eval_title
 
 flags.DEFINE_string('out', '', 'write the Markdown here (default: print it)')
@@ -46,6 +46,15 @@ def describe(demo):
 
 def pipeline_seconds(summary, run):
   return sum(r['run_seconds'] or r['seconds'] for r in summary['stages'] if r['run'] == run)
+
+
+def class_order(summaries):
+  """The class names of the runs in their data sets' order (summary.json 'classes'; a summary without it: the order
+  of its per-class tables), each once."""
+  names = []
+  for s in summaries:
+    names += s.get('classes') or [c for r in s['runs'].values() for sc in r.values() for c in sc['per_class']]
+  return list(dict.fromkeys(names))
 
 
 def _row(cells):
@@ -81,8 +90,8 @@ def markdown(workdirs):
   out += ['', 'Lowest IoU (%) of each class over the runs where it is present (n: in how many runs):', '',
           _row(['class', 'n'] + [f'{RUN_TITLES[r]}: {eval_title(n)}' for r, n in cols]),
           _row(['---'] * (len(cols) + 2))]
-  present = [c for c in voc.CLASSES if any(c in sc['present'] for s, _ in loaded for r in s['runs'].values()
-                                           for sc in r.values())]
+  present = [c for c in class_order(s for s, _ in loaded)
+             if any(c in sc['present'] for s, _ in loaded for r in s['runs'].values() for sc in r.values())]
   for c in present:
     cells = [c, sum(any(c in sc['present'] for r in s['runs'].values() for sc in r.values()) for s, _ in loaded)]
     for r, n in cols:

@@ -33,10 +33,12 @@ def fmt_seconds(s):
   return f'{m}m{s:02d}s' if m < 60 else f'{m // 60}h{m % 60:02d}m'
 
 
-def _short(summary):
-  """One-line gist of a stage summary: mIoUs of evaluations, else a few scalar fields."""
+def _short(summary, config):
+  """One-line gist of a stage summary: mIoUs of evaluations (over the run's K + 1 classes), else a few scalar
+  fields."""
   if summary and all(isinstance(v, dict) and 'miou' in v for v in summary.values()):
-    return '; '.join(f'{k} mIoU {100 * v["miou"]:.1f} (21 classes) / {100 * v["miou_present"]:.1f} (present)'
+    n = layout.num_outputs(config)
+    return '; '.join(f'{k} mIoU {100 * v["miou"]:.1f} ({n} classes) / {100 * v["miou_present"]:.1f} (present)'
                      for k, v in summary.items())
   scalars = [(k, v) for k, v in (summary or {}).items() if isinstance(v, (int, float))]
   return ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in scalars[:5])
@@ -147,7 +149,7 @@ def _run_stages(config, names, force, options, label):
       print(f'{tag}: failed after {fmt_seconds(time.time() - t0)}', flush=True)
       raise
     seconds = time.time() - t0
-    gist = _short(summary)
+    gist = _short(summary, config)
     print(f'{tag}: done in {fmt_seconds(seconds)}' + (f': {gist}' if gist else ''), flush=True)
     summary = json.loads(json.dumps(summary, default=str))
     log[name] = {'seconds': seconds, 'summary': summary, 'finished': time.strftime('%Y-%m-%d %H:%M:%S')}

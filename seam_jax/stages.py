@@ -209,7 +209,7 @@ def results_path(config, name):
 
 
 def brief(res, config):
-  """The figures of a results.json the pipeline reports: mIoU over 21 and over present classes (at the best
+  """The figures of a results.json the pipeline reports: mIoU over all K + 1 and over present classes (at the best
   threshold for CAMs, plus at the fixed infer.bg_threshold when it lies on the curve)."""
   out = {k: res[k] for k in ('miou', 'miou_present', 'best_threshold') if k in res}
   ts = res.get('thresholds', [])

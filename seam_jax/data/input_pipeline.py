@@ -29,7 +29,13 @@ ON_ERROR = ('raise', 'skip')
 
 
 def image_path(voc_root, image_id):
-  return os.path.join(voc_root, 'JPEGImages', image_id + '.jpg')
+  """VOC's <voc_root>/JPEGImages/<id>.jpg (any layout: layout.images(config), see as_images)."""
+  return layout.Images(voc_root)(image_id)
+
+
+def as_images(images):
+  """id -> image file: a layout.Images (layout.images(config): VOC, COCO or CSV sets), or a VOC root folder."""
+  return layout.Images(images) if isinstance(images, (str, os.PathLike)) else images
 
 
 def _check_on_error(on_error):
@@ -72,16 +78,17 @@ class IdSource:
 
 
 class VOCClsSource(IdSource):
-  """{'id': str, 'image': uint8 HWC RGB, 'label': float32[20]} records (IdSource error handling)."""
+  """{'id': str, 'image': uint8 HWC RGB, 'label': float32[K]} records (IdSource error handling). `images`: a
+  layout.Images or a VOC root (as_images); labels (N, K)."""
 
-  def __init__(self, voc_root, ids, labels, on_error='raise'):
+  def __init__(self, images, ids, labels, on_error='raise'):
     super().__init__(ids, on_error)
-    self.voc_root = voc_root
-    self.labels = np.asarray(labels, np.float32).reshape(len(self.ids), voc.NUM_FG)
+    self.images = as_images(images)
+    self.labels = np.asarray(labels, np.float32).reshape(len(self.ids), -1)
 
   def load(self, index):
     image_id = self.ids[index]
-    image = files.load_image(image_path(self.voc_root, image_id))
+    image = files.load_image(self.images(image_id))
     return {'id': image_id, 'image': image, 'label': self.labels[index].copy()}
 
   def __repr__(self):  # grain compares it when restoring an iterator: the ids, not where the folder lies
@@ -211,7 +218,7 @@ def make_loader(source, augment_fn, *, global_batch_size, seed, shuffle=True, nu
 
 @dataclasses.dataclass(frozen=True)
 class SeamAugment:
-  """Record -> {'image': float32 (crop, crop, 3), 'label': float32[20]} (augment.seam_train_augment), or with
+  """Record -> {'image': float32 (crop, crop, 3), 'label': float32[K]} (augment.seam_train_augment), or with
   `device` only the host half: the resized, flipped uint8 image in a (resize_long[1])^2 canvas and the draws
   (augment.photometric_record), which seam_jax.data.device_augment finishes in the train step."""
   crop_size: int
@@ -231,35 +238,49 @@ class SeamAugment:
     return {**augment.photometric_record(img, jitter, box, side, name=record['id']), 'label': record['label']}
 
 
-def labelled_ids(ids, label_path, on_error='raise'):
-  """(ids, float32 (N, 20) labels) from cls_labels.npy; ids without a valid 20-dim label -> DataError naming the
-  label file (on_error='skip': warn, count, drop them)."""
+def check_label_width(cls_labels, ids, label_path, num_classes):
+  """A label file written for another class set (no listed id has a K-dim label, some have labels of another
+  width) is one DataError naming the file and both widths, whatever on_error says: no id of it is usable."""
+  widths = collections.Counter(int(np.size(cls_labels[i])) for i in ids if i in cls_labels)
+  if widths and num_classes not in widths:
+    width = widths.most_common(1)[0][0]
+    raise errors.DataError(f'{label_path}: labels of {width} classes, but the data set has {num_classes} '
+                           '(dataset.json / config.data.classes): a label file of another class set')
+
+
+def labelled_ids(ids, label_path, on_error='raise', num_classes=voc.NUM_FG):
+  """(ids, float32 (N, K) labels) from cls_labels.npy, K = `num_classes` (layout.num_classes). A file of another
+  width is a DataError naming it (check_label_width); ids without a K-dim label -> DataError naming the label file
+  (on_error='skip': warn, count, drop them)."""
   _check_on_error(on_error)
   cls_labels = voc.load_cls_labels(label_path)
-  bad = [i for i in ids if i not in cls_labels or np.size(cls_labels[i]) != voc.NUM_FG]
+  check_label_width(cls_labels, ids, label_path, num_classes)
+  bad = [i for i in ids if i not in cls_labels or np.size(cls_labels[i]) != num_classes]
   if bad and on_error == 'raise':
-    raise errors.DataError(f'{len(bad)} listed ids have no 20-dim label in {label_path}, e.g. {bad[:3]}')
+    raise errors.DataError(f'{len(bad)} listed ids have no {num_classes}-dim label in {label_path}, e.g. {bad[:3]}')
   if bad:
-    logging.warning('skipping %d ids without a 20-dim label in %s, e.g. %s', len(bad), label_path, bad[:3])
+    logging.warning('skipping %d ids without a %d-dim label in %s, e.g. %s', len(bad), num_classes, label_path,
+                    bad[:3])
     bad = set(bad)
     ids = [i for i in ids if i not in bad]
   if not ids:
     raise errors.DataError(f'no labelled ids left (label file {label_path})')
-  return ids, voc.labels_for(ids, cls_labels, label_path)
+  return ids, voc.labels_for(ids, cls_labels, label_path, num_classes)
 
 
 def seam_train_loader(config, seed=None):
-  """(loader of SEAM training batches {'image' (B,H,W,3), 'label' (B,20)} (make_loader), number of records); with
+  """(loader of SEAM training batches {'image' (B,H,W,3), 'label' (B,K)} (make_loader), number of records); with
   config.data.device_augment the batches hold the photometric records instead of 'image' (SeamAugment).
 
-  Reads config.data (voc_root, train_list in list_dir, cls_labels, crop/resize/jitter, device_augment,
+  Reads the class set (layout.num_classes), the images (layout.images: any data format), config.data
+  (train_list in list_dir, cls_labels, crop/resize/jitter, device_augment,
   num_workers, prefetch, on_error), config.train.batch_size (global) and config.seed (unless `seed` is given).
   The stream is infinite: the trainer stops after its step count.
   """
   d = config.data
   ids = layout.read_ids(config, d.train_list)
-  ids, labels = labelled_ids(ids, layout.cls_labels(config), d.on_error)
-  source = VOCClsSource(layout.voc_root(config), ids, labels, on_error=d.on_error)
+  ids, labels = labelled_ids(ids, layout.cls_labels(config), d.on_error, layout.num_classes(config))
+  source = VOCClsSource(layout.images(config), ids, labels, on_error=d.on_error)
   augment_fn = SeamAugment.from_config(d, device=d.device_augment)
   loader = make_loader(source, augment_fn, global_batch_size=config.train.batch_size,
                        seed=config.seed if seed is None else seed, worker_count=d.num_workers,
@@ -286,12 +307,14 @@ def inference_views(img_uint8, scales, flip):
   return views
 
 
-def iterate_images(voc_root, ids, prefetch=4, threads=2):
-  """Yield (id, uint8 HWC image) in list order, decoding up to `prefetch` images ahead in threads."""
+def iterate_images(images, ids, prefetch=4, threads=2):
+  """Yield (id, uint8 HWC image) in list order, decoding up to `prefetch` images ahead in threads; `images`: a
+  layout.Images or a VOC root (as_images)."""
+  images = as_images(images)
   with concurrent.futures.ThreadPoolExecutor(threads) as ex:
     pending = collections.deque()
     for image_id in ids:
-      pending.append((image_id, ex.submit(files.load_image, image_path(voc_root, image_id))))
+      pending.append((image_id, ex.submit(files.load_image, images(image_id))))
       if len(pending) > prefetch:
         i, f = pending.popleft()
         yield i, f.result()

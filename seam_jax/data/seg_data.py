@@ -21,8 +21,15 @@ from seam_jax import layout
 from seam_jax.common import errors, files
 from seam_jax.data import augment, input_pipeline, voc
 
-# The pseudo labels are 0..20 (QUIRK Q3: no void); 255 (void) is accepted too, the loss ignores it.
-LABEL_VALUES = np.r_[np.arange(voc.NUM_CLASSES), voc.IGNORE]
+
+
+def label_values(num_classes=voc.NUM_FG):
+  """The values a pseudo label may hold: 0..K (QUIRK Q3: no void), and 255 (void: the crop padding; the loss ignores
+  it) for K = `num_classes` foreground classes (layout.num_classes)."""
+  return np.r_[np.arange(num_classes + 1), voc.IGNORE]
+
+
+LABEL_VALUES = label_values()   # VOC's: 0..20 and 255
 MEAN32, STD32 = voc.MEAN.astype(np.float32), voc.STD.astype(np.float32)
 
 
@@ -99,18 +106,20 @@ class SegAugment:
 
 
 class SegSource(input_pipeline.IdSource):
-  """{'id', 'image': uint8 HWC RGB, 'label': uint8 HW} records: JPEGImages/<id>.jpg and <label_dir>/<id>.png of the
-  same size (IdSource error handling: a missing or bad file is a DataError naming it, or skipped)."""
+  """{'id', 'image': uint8 HWC RGB, 'label': uint8 HW} records: the image (`images`: a layout.Images or a VOC root,
+  input_pipeline.as_images) and <label_dir>/<id>.png of the same size, values label_values(num_classes) (IdSource
+  error handling: a missing or bad file is a DataError naming it, or skipped)."""
 
-  def __init__(self, voc_root, ids, label_dir, on_error='raise'):
+  def __init__(self, images, ids, label_dir, on_error='raise', num_classes=voc.NUM_FG):
     super().__init__(ids, on_error)
-    self.voc_root, self.label_dir = voc_root, label_dir
+    self.images, self.label_dir = input_pipeline.as_images(images), label_dir
+    self.values = label_values(num_classes)
 
   def load(self, index):
     image_id = self.ids[index]
-    image = load_image_cv2(input_pipeline.image_path(self.voc_root, image_id))
+    image = load_image_cv2(self.images(image_id))
     path = os.path.join(self.label_dir, image_id + '.png')
-    label = files.load_index_png(path, LABEL_VALUES)
+    label = files.load_index_png(path, self.values)
     if label.shape != image.shape[:2]:
       raise errors.DataError(f'{path}: label of size {label.shape} does not match its image {image.shape[:2]}')
     return {'id': image_id, 'image': image, 'label': label}
@@ -130,13 +139,14 @@ def check_labels(label_dir, ids):
 
 def seg_train_loader(config, seed=None):
   """(grain loader of {'image' (B, crop, crop, 3) float32, 'label' (B, crop, crop) uint8}, number of records) over
-  config.seg.train_list with the labels of layout.seg_label_dir; global batch config.seg.batch_size; workers,
+  config.seg.train_list (images: layout.images) with the labels of layout.seg_label_dir (0..K and 255, K =
+  layout.num_classes); global batch config.seg.batch_size; workers,
   prefetch and on_error from config.data. Deterministic and resumable (input_pipeline.make_loader)."""
   d = config.data
   ids = layout.read_ids(config, config.seg.train_list)
   label_dir = layout.seg_label_dir(config)
   check_labels(label_dir, ids)
-  source = SegSource(layout.voc_root(config), ids, label_dir, on_error=d.on_error)
+  source = SegSource(layout.images(config), ids, label_dir, on_error=d.on_error, num_classes=layout.num_classes(config))
   loader = input_pipeline.make_loader(
       source, SegAugment.from_config(config.seg), global_batch_size=config.seg.batch_size,
       seed=config.seed if seed is None else seed, worker_count=d.num_workers, worker_buffer_size=max(1, d.prefetch))

@@ -63,7 +63,7 @@ def write_list(path, ids):
 
 
 def load_cls_labels(path):
-  """cls_labels.npy (pickled dict id -> float32[20]) as written by the original and by `prepare`."""
+  """cls_labels.npy (pickled dict id -> float32[K], K = 20 for VOC) as written by the original and by `prepare`."""
   if not os.path.isfile(path):
     raise DataError(f'label file not found: {path} (run prepare.py first)')
   try:
@@ -73,18 +73,23 @@ def load_cls_labels(path):
   except Exception as e:  # noqa: BLE001 - any decode failure is the same user error
     raise DataError(f'cannot read label file {path}: {e}') from None
   if not isinstance(d, dict):
-    raise DataError(f'label file {path} does not hold a dict id -> 20-dim label')
+    raise DataError(f'label file {path} does not hold a dict id -> image label')
   return d
 
 
-def labels_for(ids, cls_labels, label_path='cls_labels'):
-  """Stack the 20-dim labels of `ids`; an id without a label is an error naming it."""
+def labels_for(ids, cls_labels, label_path='cls_labels', num_fg=NUM_FG):
+  """Stack the `num_fg`-dim (K) labels of `ids` into float32 (N, K); an id without a label, or with a label of
+  another width, is an error naming it and the file."""
   missing = [i for i in ids if i not in cls_labels]
   if missing:
     raise DataError(f'{len(missing)} listed ids have no label in {label_path}, e.g. {missing[:3]}')
-  return np.stack([np.asarray(cls_labels[i], np.float32).reshape(NUM_FG) for i in ids])
+  wrong = [i for i in ids if np.size(cls_labels[i]) != num_fg]
+  if wrong:
+    raise DataError(f'{label_path}: label of {wrong[0]!r} has {np.size(cls_labels[wrong[0]])} entries, expected '
+                    f'{num_fg} (one per foreground class; {len(wrong)} such ids)')
+  return np.stack([np.asarray(cls_labels[i], np.float32).reshape(num_fg) for i in ids])
 
 
-def load_mask(path):
-  """Class-index mask (palette or grey PNG) as uint8 HW; values must lie in 0..20 or 255."""
-  return files.load_index_png(path, np.r_[np.arange(NUM_CLASSES), IGNORE])
+def load_mask(path, num_fg=NUM_FG, ignore=IGNORE):
+  """Class-index mask (palette or grey PNG) as uint8 HW; values must lie in 0..num_fg (K) or `ignore`."""
+  return files.load_index_png(path, np.r_[np.arange(num_fg + 1), ignore])

@@ -1,9 +1,10 @@
 """Multi-scale CAM inference with the SEAM network (SEAM_SPEC section 4).
 
-Per image: views at every scale (+ mirror); the PCM output cam_rv (channels 1..20) of each view is upsampled to the
-image size (bilinear, align_corners=False), multiplied by the image label, un-mirrored and summed; s[s < 0] = 0;
-per class s[s < min + 1e-5] = 0 and norm = (s - min - 1e-5) / (max - min + 1e-5). The dict {c: norm[c]} of the
-label classes is saved as <cam_dir>/<id>.npy (seam_jax.infer.score_dicts).
+Per image: views at every scale (+ mirror); the PCM output cam_rv (channels 1..K, K the run's foreground classes:
+seam_jax.layout.num_classes, VOC 20) of each view is upsampled to the image size (bilinear, align_corners=False),
+multiplied by the image label, un-mirrored and summed; s[s < 0] = 0; per class s[s < min + 1e-5] = 0 and
+norm = (s - min - 1e-5) / (max - min + 1e-5). The dict {c: norm[c]} of the label classes is saved as
+<cam_dir>/<id>.npy (seam_jax.infer.score_dicts).
 
 Throughput: views of many images are batched together and sharded over this process's devices (with several
 processes, each one does its share of the list: seam_jax.common.distributed). To bound the number of compilations on
@@ -31,11 +32,13 @@ from seam_jax.models import seam
 
 
 class CamEngine(bucketing.DeviceLoop):
-  """PaddedSEAM over this process's devices: batch dict {'x', 'valid', 'xs'} (see PaddedSEAM) -> cam_rv (or the
-  classifier's cam, `branch='cam'`) at stride 8; one compilation per padded view shape."""
+  """PaddedSEAM with `num_classes` (K + 1) outputs over this process's devices: batch dict {'x', 'valid', 'xs'}
+  (see PaddedSEAM) -> cam_rv (or the classifier's cam, `branch='cam'`) at stride 8; one compilation per padded view
+  shape."""
 
-  def __init__(self, variables, model_config, batch_size, mesh=None, branch='cam_rv'):
-    model = seam.PaddedSEAM(model_config.width_div, jnp.dtype(model_config.dtype), branch=branch)
+  def __init__(self, variables, model_config, batch_size, mesh=None, branch='cam_rv', num_classes=voc.NUM_CLASSES):
+    model = seam.PaddedSEAM(model_config.width_div, jnp.dtype(model_config.dtype), branch=branch,
+                            num_classes=num_classes)
     super().__init__(lambda v, b: model.apply(v, b['x'], b['valid'], b['xs']),
                      {k: variables[k] for k in ('params', 'batch_stats')}, batch_size, mesh,
                      model_config.fast_compile)
@@ -80,7 +83,7 @@ def upsample_matrix(n_low, n_view, n_out, flip, align_corners=False):
 def merge_views(outs, hw, label):
   """The spec's CAM dict {c: float32 HxW} of the label classes from per-view stride-8 cam_rv maps.
 
-  outs: [(rv (h, w, 20), ((H_v, W_v), flipped))] with rv the valid stride-8 region of a view (what `schedule`
+  outs: [(rv (h, w, K), ((H_v, W_v), flipped))] with rv the valid stride-8 region of a view (what `schedule`
   returns for the pieces of prepare_views).
   """
   cls = np.flatnonzero(np.asarray(label) > 1e-5)
@@ -98,13 +101,14 @@ def merge_views(outs, hw, label):
   return {int(c): norm[i] for i, c in enumerate(cls)}
 
 
-def _save(config, image_id, img, cams):
-  """The CAM dict, then the optional label PNG and overlays of one image; returns the number of files written."""
-  ic = config.infer
-  score_dicts.write(layout.cam_path(config, image_id), cams, img.shape[:2])
+def _save(config, dataset, image_id, img, cams):
+  """The CAM dict, then the optional label PNG (in the DatasetInfo's colours) and overlays of one image; returns
+  the number of files written."""
+  ic, k = config.infer, dataset.num_classes
+  score_dicts.write(layout.cam_path(config, image_id), cams, img.shape[:2], score_dicts.CAM, k)
   label_path = layout.cam_label_path(config, image_id)
   if label_path:
-    files.save_label_png(label_path, score_dicts.threshold_label(cams, img.shape[:2], ic.bg_threshold))
+    dataset.save_mask(label_path, score_dicts.threshold_label(cams, img.shape[:2], ic.bg_threshold, k))
   for c, cam in (cams.items() if ic.overlay_dir else ()):
     files.save_rgb_png(layout.cam_overlay_path(config, image_id, c), visual.overlay(img, cam))
   return 1 + bool(label_path) + (len(cams) if ic.overlay_dir else 0)
@@ -118,12 +122,15 @@ def cam_branch(config):
 def run_inference(config, *, force=False, engine=None):
   """CAM dicts of config.infer.list (seam_jax.common.per_image: this process's share, the images not done yet or
   all with `force`, a barrier at the end). `engine`: a CamEngine (default: the SEAM export, loaded only when there
-  is work). Returns this process's stats (per_image.run, + compilations)."""
+  is work; num_classes = layout.num_outputs). The dicts hold the run's K classes (layout.dataset). Returns this
+  process's stats (per_image.run, + compilations)."""
   ic = config.infer
   if not ic.scales:
     raise ValueError('infer.scales is empty')
+  dataset = layout.dataset(config)
   ids = layout.read_ids(config, ic.list)
-  labels = voc.labels_for(ids, voc.load_cls_labels(layout.cls_labels(config)), layout.cls_labels(config))
+  labels = voc.labels_for(ids, voc.load_cls_labels(layout.cls_labels(config)), layout.cls_labels(config),
+                          dataset.num_classes)
 
   def load(item):
     image_id, label = item
@@ -132,13 +139,14 @@ def run_inference(config, *, force=False, engine=None):
 
   def finish(result):
     image_id, (img, label), outs = result
-    return _save(config, image_id, img, merge_views(outs, img.shape[:2], label))
+    return _save(config, dataset, image_id, img, merge_views(outs, img.shape[:2], label))
 
   def work(todo, done):
     eng = engine
     if eng is None:
-      variables = convert.load_variables(layout.seam_weights(config), 'seam', config.model)
-      eng = CamEngine(variables, config.model, ic.batch_size, branch=cam_branch(config))
+      outputs = dataset.num_classes + 1
+      variables = convert.load_variables(layout.seam_weights(config), 'seam', config.model, outputs)
+      eng = CamEngine(variables, config.model, ic.batch_size, branch=cam_branch(config), num_classes=outputs)
     threads = max(int(ic.threads), 1)
     with concurrent.futures.ThreadPoolExecutor(threads) as post:
       per_image.device_loop(eng, todo, load, finish, done, threads, post, max_pending=ic.max_pending)

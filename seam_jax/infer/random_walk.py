@@ -3,7 +3,8 @@
 Per image: the normalised image, zero-padded bottom/right to multiples of 8, gives stride-8 features and the pair
 affinities a (within the radius) on the (dh, dw) grid, n = dh * dw nodes. A is the symmetric n x n matrix with
 A[from, to] = A[to, from] = a, diagonal 1, zero elsewhere; T = A**beta with every column divided by its sum. The CAMs
-(21 channels, background (1 - max fg)**alpha), padded and 8x8 average pooled to (21, n), walk 2**logt steps:
+(C = K + 1 channels for the run's K classes, VOC 21; background (1 - max fg)**alpha), padded and 8x8 average
+pooled to (C, n), walk 2**logt steps:
 rw = cams @ T^(2**logt). rw is upsampled bilinearly (align_corners=False) to the padded size; label = argmax,
 cropped to the image.
 
@@ -27,6 +28,7 @@ from seam_jax import models
 from seam_jax.common import bucketing, files, ops, per_image, pools
 from seam_jax.common.bucketing import STRIDE, grid_size
 from seam_jax.data import voc
+from seam_jax.data.dataset_info import DatasetInfo
 from seam_jax.infer import score_dicts
 from seam_jax.models import convert
 from seam_jax.models.affinity import effective_radius, pair_affinity, pair_indices
@@ -43,10 +45,10 @@ def pad_image(img, size):
   return np.pad(img, ((0, size[0] - img.shape[0]), (0, size[1] - img.shape[1]), (0, 0)))
 
 
-def pooled_cams(cam, h, w, alpha):
-  """The walk's start: the CAM dict's dense channels with background (score_dicts.dense_power_stack), zero-padded
-  to multiples of 8 and 8x8 average pooled -> (21, dh, dw)."""
-  dense = np.ascontiguousarray(np.moveaxis(score_dicts.dense_power_stack(cam, (h, w), alpha), 0, -1))
+def pooled_cams(cam, h, w, alpha, num_classes=score_dicts.NUM_FG):
+  """The walk's start: the dense channels of a CAM dict of K = num_classes classes with background
+  (score_dicts.dense_power_stack), zero-padded to multiples of 8 and 8x8 average pooled -> (K + 1, dh, dw)."""
+  dense = np.ascontiguousarray(np.moveaxis(score_dicts.dense_power_stack(cam, (h, w), alpha, num_classes), 0, -1))
   return np.moveaxis(block_mean(dense, STRIDE), -1, 0)
 
 
@@ -104,13 +106,13 @@ def walk_dense(cams, trans, logt):
 def present_channels(cams):
   """Indices of the channels of cams (C, ...) with a nonzero value, channel 0 (background) always included: the
   walk and the upsampling are linear per channel, so the other channels stay exactly zero and can be skipped (an
-  image holds 1-3 of the 20 classes: the walk costs a few channels, not 21)."""
+  image holds 1-3 of VOC's 20 classes: the walk costs a few channels, not 21)."""
   flat = np.asarray(cams).reshape(len(cams), -1)
   return np.flatnonzero((np.abs(flat).max(axis=1) > 0) | (np.arange(len(flat)) == 0))
 
 
 def random_walk_numpy(aff, cams, radius, beta, logt, dense=False):
-  """aff (P, hf, wf) pair affinities, cams (21, dh, dw) -> rw (21, dh, dw) float64 (host reference); only the
+  """aff (P, hf, wf) pair affinities, cams (C, dh, dw) -> rw (C, dh, dw) float64 (host reference); only the
   present channels are walked (present_channels)."""
   c, dh, dw = cams.shape
   trans = transition_sparse(aff, dh, dw, radius, beta)
@@ -140,7 +142,7 @@ def upsample_numpy(rw, size):
 
 
 def labels_numpy(rw, hw):
-  """rw (21, dh, dw) -> (uint8 label (h, w), float32 scores (21, h, w)): upsample to the padded size, argmax,
+  """rw (C, dh, dw) -> (uint8 label (h, w), float32 scores (C, h, w)): upsample to the padded size, argmax,
   crop. Only the present channels are upsampled: the others are zero, and where every channel is zero both
   argmaxes give channel 0, which is always present."""
   rw = np.asarray(rw, np.float32)
@@ -152,7 +154,7 @@ def labels_numpy(rw, hw):
 
 
 def walk_jax(aff, cams, radius, beta, logt, method='sparse'):
-  """Batched JAX random walk. aff (B, P, hf, wf), cams (B, 21, dh, dw) -> rw (B, 21, dh, dw) float32.
+  """Batched JAX random walk. aff (B, P, hf, wf), cams (B, C, dh, dw) -> rw (B, C, dh, dw) float32.
 
   'sparse': 2**logt products v <- v @ T, each a gather over the edges and a sorted segment_sum into the columns;
   'dense': the original's logt squarings of the dense T (n^2 memory, n^3 flops each)."""
@@ -179,7 +181,7 @@ def walk_jax(aff, cams, radius, beta, logt, method='sparse'):
 
 
 def labels_jax(rw):
-  """rw (B, 21, dh, dw) -> (uint8 labels (B, Hp, Wp), scores (B, Hp, Wp, 21)) at the padded size."""
+  """rw (B, C, dh, dw) -> (uint8 labels (B, Hp, Wp), scores (B, Hp, Wp, C)) at the padded size."""
   b, c, dh, dw = rw.shape
   scores = ops.resize_bilinear(jnp.moveaxis(rw, 1, -1), (dh * STRIDE, dw * STRIDE), align_corners=False)
   return jnp.argmax(scores, axis=-1).astype(jnp.uint8), scores
@@ -190,7 +192,7 @@ def make_step(model, config, backend):
   walk parameters config.rw); batch['image'] (B, Hp, Wp, 3) normalised, zero-padded.
 
   backend 'numpy': -> pair affinities (B, P, hf, wf) (the walk then runs on the host);
-  backend 'jax': with batch['cams'] (B, 21, dh, dw) -> (labels (B, Hp, Wp), scores (B, Hp, Wp, 21) or None
+  backend 'jax': with batch['cams'] (B, C, dh, dw) -> (labels (B, Hp, Wp), scores (B, Hp, Wp, C) or None
   unless config.rw.save_scores)."""
   def affinities(variables, images):
     feats = model.apply(variables, images, train=False)
@@ -216,36 +218,38 @@ def make_step(model, config, backend):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Driver: every image of config.rw.list -> <out_dir>/<id>.png (+ with rw.save_scores the <id>.npy score dict).
-def load_cams(path, hw, alpha):
-  """(CAM dict, pooled walk input (21, dh, dw)) of a CAM file, checked against the image size."""
-  cam = score_dicts.read(path, hw)
-  return cam, pooled_cams(cam, *hw, alpha)
+def load_cams(path, hw, alpha, num_classes=score_dicts.NUM_FG):
+  """(CAM dict, pooled walk input (K + 1, dh, dw)) of a CAM file of K = num_classes classes, checked against the
+  image size."""
+  cam = score_dicts.read(path, hw, score_dicts.CAM, num_classes)
+  return cam, pooled_cams(cam, *hw, alpha, num_classes)
 
 
-def save_result(paths, label, scores, cam):
+def save_result(paths, label, scores, cam, dataset=DatasetInfo.VOC):
   """paths (label PNG, score file or None): the score dict {0: bg, c+1: class c} of the present classes (when
-  asked), then the label PNG. Returns the number of files written."""
+  asked), then the label PNG in the colours of `dataset` (a DatasetInfo: K classes). Returns the number of files
+  written."""
   label_path, score_path = paths
   if score_path:
     score_dicts.write(score_path, {0: scores[0], **{int(c) + 1: scores[int(c) + 1] for c in sorted(cam)}},
-                      label.shape, score_dicts.SCORES)
-  files.save_label_png(label_path, label)
+                      label.shape, score_dicts.SCORES, dataset.num_classes)
+  dataset.save_mask(label_path, label)
   return 1 + bool(score_path)
 
 
-def _host_walk(result, walk, radius):
+def _host_walk(result, walk, radius, dataset):
   """Worker (backend numpy): the NumPy walk of one image from its pair affinities, saved; returns files written."""
   _, (hw, cam_path, paths), [(aff, _)] = result
-  cam, cams = load_cams(cam_path, hw, walk['alpha'])
+  cam, cams = load_cams(cam_path, hw, walk['alpha'], dataset.num_classes)
   walked = random_walk_numpy(aff, cams, walk_radius(*hw, radius), walk['beta'], walk['logt'])
   label, scores = labels_numpy(walked, hw)
-  return save_result(paths, label, scores, cam)
+  return save_result(paths, label, scores, cam, dataset)
 
 
-def _save_device_walk(result):
+def _save_device_walk(result, dataset):
   """Backend jax: save the labels (and scores) the device computed, cropped to the image by the scheduler."""
   _, (_, cam, paths), [((label, scores), _)] = result
-  return save_result(paths, label, None if scores is None else np.moveaxis(scores, -1, 0), cam)
+  return save_result(paths, label, None if scores is None else np.moveaxis(scores, -1, 0), cam, dataset)
 
 
 def run(config, *, force=False):
@@ -259,8 +263,8 @@ def run(config, *, force=False):
 
 def _walk(config, todo, done):
   """The walk of the ids of `todo`: AffinityNet on the devices, the walk there (backend jax) or in a process pool
-  of rw.workers (numpy); done(files) per image."""
-  rw = config.rw
+  of rw.workers (numpy), over the run's K + 1 channels (layout.dataset); done(files) per image."""
+  rw, dataset = config.rw, layout.dataset(config)
   variables = convert.load_variables(layout.affinity_weights(config), 'affinity', config.model)
   loop = bucketing.DeviceLoop(make_step(models.build('affinity', config.model), config, rw.backend), variables,
                               rw.batch_size, fast_compile=config.model.fast_compile)
@@ -275,14 +279,14 @@ def _walk(config, todo, done):
                                  bucketing.padded_size(*hw))}
     if on_host:
       return i, (hw, layout.rw_cam_path(config, i), paths(i)), [bucketing.Piece(arrays)]
-    cam, arrays['cams'] = load_cams(layout.rw_cam_path(config, i), hw, rw.alpha)
+    cam, arrays['cams'] = load_cams(layout.rw_cam_path(config, i), hw, rw.alpha, dataset.num_classes)
     return i, (hw, cam, paths(i)), [bucketing.Piece(arrays, crop=hw)]
 
   if on_host:
     finish = functools.partial(_host_walk, walk={k: rw[k] for k in ('alpha', 'beta', 'logt')},
-                               radius=config.aff.radius)
+                               radius=config.aff.radius, dataset=dataset)
   else:
-    finish = _save_device_walk
+    finish = functools.partial(_save_device_walk, dataset=dataset)
   workers = (int(rw.workers) or os.cpu_count()) if on_host else 1
   with pools.process_pool(workers) as pool:
     per_image.device_loop(loop, todo, load, finish, done, 2, pool, 2 * workers, max_pending=4 * loop.batch_size)

@@ -5,10 +5,10 @@ Per image: ImageNorm (float32) of the OpenCV-decoded image; per scale s of seg.s
 (fx = fy = s) of the NORMALISED image, and with seg.flip its mirror (6 x 2 = 12 views). Each view's logits (the net
 upsamples its stride-8 output to the view size, then the test resizes it to the image size, both bilinear with
 align_corners=True; a mirror's output is un-flipped) are averaged (QUIRK Q6: the mean of the logits), softmaxed over
-the 21 classes and, with seg.crf, refined by a dense CRF (seg.crf_iters = 1 mean-field iteration; Gaussian sxy 3
-compat 3, bilateral sxy 32 srgb 13 compat 10, on the de-normalised input truncated to uint8: QUIRK Q10); the argmax
-is written as a palette PNG <seg_pred_dir>/<id>.png (scored by the eval_seg stage: seam_jax.infer.evaluation, pred_type
-png).
+the K + 1 classes (the run's data set: seam_jax.layout.dataset; VOC 21) and, with seg.crf, refined by a dense CRF
+(seg.crf_iters = 1 mean-field iteration; Gaussian sxy 3 compat 3, bilateral sxy 32 srgb 13 compat 10, on the
+de-normalised input truncated to uint8: QUIRK Q10); the argmax is written as a palette PNG <seg_pred_dir>/<id>.png in
+the data set's colours (scored by the eval_seg stage: seam_jax.infer.evaluation, pred_type png).
 
 Bounded memory (issue 21): an image whose longer side is above seg.max_side (0: no limit) is tested at that size
 (`bound_image`: the cv2 INTER_AREA downscale of the uint8 image, keeping its aspect) and its label map is brought
@@ -30,8 +30,9 @@ import numpy as np
 
 from seam_jax import layout
 from seam_jax import models
-from seam_jax.common import bucketing, files, per_image
+from seam_jax.common import bucketing, per_image
 from seam_jax.data import seg_data
+from seam_jax.data import voc
 from seam_jax.infer import cam_inference, crf
 from seam_jax.models import convert
 from seam_jax.models import seam
@@ -41,10 +42,11 @@ CRF_BILATERAL_SXY = 32   # QUIRK Q6 (SSC DenseCRF: PSA/DeepLab use 80 / 67)
 
 class SegEngine(bucketing.DeviceLoop):
   """DeepLab's eval forward on padded views over this process's devices: batch {'x' (B, Hp, Wp, 3) normalised
-  padded views, 'valid' (B, 2) their unpadded (H, W)} -> stride-8 logits (B, Hp/8, Wp/8, 21) float32."""
+  padded views, 'valid' (B, 2) their unpadded (H, W)} -> stride-8 logits (B, Hp/8, Wp/8, num_classes) float32
+  (num_classes = K + 1)."""
 
-  def __init__(self, variables, model_config, batch_size, mesh=None):
-    model = models.build('deeplab', model_config)
+  def __init__(self, variables, model_config, batch_size, mesh=None, num_classes=voc.NUM_CLASSES):
+    model = models.build('deeplab', model_config, num_classes=num_classes)
 
     def forward(v, b):
       with nn.intercept_methods(seam.mask_spatial_conv_inputs(b['valid'], b['x'].shape[1:3])):
@@ -176,9 +178,11 @@ def segment(engine, opts, items, load, save, done, threads=2, max_pending=8):
 
 
 def load_engine(config, weights=None):
-  """SegEngine over this process's devices with the weights at `weights` (default layout.seg_weights)."""
-  variables = convert.load_variables(weights or layout.seg_weights(config), 'deeplab', config.model)
-  return SegEngine(variables, config.model, config.seg.test_batch_size)
+  """SegEngine over this process's devices with the weights at `weights` (default layout.seg_weights), for the
+  run's K + 1 classes (layout.num_outputs)."""
+  outputs = layout.num_outputs(config)
+  variables = convert.load_variables(weights or layout.seg_weights(config), 'deeplab', config.model, outputs)
+  return SegEngine(variables, config.model, config.seg.test_batch_size, num_classes=outputs)
 
 
 def run_test(config, *, force=False, engine=None):
@@ -186,13 +190,14 @@ def run_test(config, *, force=False, engine=None):
   ids not done yet or all with `force`, a barrier at the end). Returns this process's stats (+ compilations)."""
   s = config.seg
   opts = SegTestOptions.from_config(s)
+  dataset = layout.dataset(config)
 
   def work(todo, done):
     eng = engine or load_engine(config)
 
     def save(image_id, _, img, label):
       del img
-      files.save_label_png(layout.seg_pred_path(config, image_id), label)
+      dataset.save_mask(layout.seg_pred_path(config, image_id), label)
       return 1
     load = lambda i: (i, None, seg_data.load_image_cv2(layout.image_path(config, i)))
     segment(eng, opts, todo, load, save, done, s.threads, s.max_pending)

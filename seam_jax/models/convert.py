@@ -8,10 +8,17 @@ Sources: PyTorch `.pth` (read with torch, or without it by a restricted unpickle
 the MXNet ImageNet `.params` of ResNet38 (read with NumPy, names mapped as in the original). The segmentation net
 (kind 'deeplab': the authors' released deeplabv1 ResNet38 .pth) names its backbone tensors `backbone.<m>...`.
 
-CLI: `python -m seam_jax.models.convert --src IN --dst OUT --kind seam|affinity|deeplab [--width_div 1]` converts
-a .pth / .npz / .params into an export folder, or an export folder into a .pth / .npz.
+Class count: the class head (SEAM's fc8, DeepLab's cls_conv) has K + 1 outputs, `num_classes` (VOC: 21). Weights
+whose head has another count are a DataError naming the file, the head and both counts; with `reinit_head=True` the
+head starts afresh from the model's init instead (the backbone and the other layers load). ImageNet initialisation
+(imagenet_init: backbone only) fits any K.
+
+CLI: `python -m seam_jax.models.convert --src IN --dst OUT --kind seam|affinity|deeplab [--width_div 1]
+[--num_classes K+1] [--reinit_head]` converts a .pth / .npz / .params into an export folder, or an export folder
+into a .pth / .npz (--num_classes 0, the default: the source's own class count).
 """
 import argparse
+import functools
 import os
 import re
 
@@ -28,6 +35,7 @@ from seam_jax.models.weight_files import (  # noqa: F401  (re-exported: callers 
     has_torch, read_mxnet_params, read_npz, read_pth, write_mxnet_params, write_npz, write_pth)
 from seam_jax.common import cli
 from seam_jax.common.errors import DataError
+from seam_jax.data import voc
 
 _LEAF_NAMES = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
                ('batch_stats', 'mean'): 'running_mean', ('batch_stats', 'var'): 'running_var'}
@@ -96,19 +104,26 @@ def model_config(width_div=1, dtype='float32'):
   return sections.model(width_div=int(width_div), dtype=dtype)
 
 
-def abstract_variables(kind, model_config_):
-  """Shapes/dtypes of the model's variables, without allocating them (works for any width_div)."""
-  model = models.build(kind, model_config_)
+def abstract_variables(kind, model_config_, num_classes=voc.NUM_CLASSES):
+  """Shapes/dtypes of the model's variables, without allocating them (works for any width_div); `num_classes`: the
+  class head's outputs, K + 1."""
+  model = models.build(kind, model_config_, num_classes=num_classes)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
 
 
-def init_variables(kind, model_config_, seed=0):
-  """Freshly initialised variables (the original's init distributions for the head layers).
+def init_variables(kind, model_config_, seed=0, num_classes=voc.NUM_CLASSES):
+  """Freshly initialised variables (the original's init distributions for the head layers); `num_classes` = K + 1.
 
   Uses an RBG key: with ~150 parameter tensors, threefry makes XLA's CPU compile of `init` several times slower.
   """
-  model = models.build(kind, model_config_)
-  return jax.jit(model.init)(jax.random.key(seed, impl='rbg'), jnp.zeros((1, 32, 32, 3), jnp.float32))
+  init = _jitted_init(kind, int(model_config_.width_div), str(model_config_.dtype), int(num_classes))
+  return init(jax.random.key(seed, impl='rbg'), jnp.zeros((1, 32, 32, 3), jnp.float32))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(kind, width_div, dtype, num_classes):
+  """model.init compiled once per model (a head re-initialisation per checkpoint read would compile it again)."""
+  return jax.jit(models.build(kind, model_config(width_div, dtype), num_classes=num_classes).init)
 
 
 def _few(keys, n=4):
@@ -144,13 +159,25 @@ def _assign(template, sd, names, source, kind, model_config_, origin):
   return {col: flax.traverse_util.unflatten_dict(f) for col, f in flat.items()}
 
 
-def state_dict_to_variables(sd, kind, model_config_, name='state dict'):
-  """Strict conversion of an original state dict (name -> array) into {'params', 'batch_stats'} of `kind`.
+def sd_head_outputs(sd, kind):
+  """The class head's outputs (K + 1) of a cleaned original-named state dict of `kind`; None: no head there."""
+  head = export.CLASS_HEAD.get(kind)
+  return int(np.shape(sd[f'{head}.weight'])[0]) if head and f'{head}.weight' in sd else None
 
-  Every model tensor must be present with the right shape and nothing else may be there; errors name `name`.
+
+def state_dict_to_variables(sd, kind, model_config_, name='state dict', num_classes=voc.NUM_CLASSES,
+                            reinit_head=False):
+  """Strict conversion of an original state dict (name -> array) into {'params', 'batch_stats'} of `kind` with a
+  class head of `num_classes` (K + 1; None: the state dict's own).
+
+  Every model tensor must be present with the right shape and nothing else may be there; errors name `name`. A
+  class head of another count is one DataError naming it and both counts, or with `reinit_head` keeps the model's
+  init (seed 0; logged).
   """
   sd, origin = clean_state_dict(sd, name)
-  shapes = abstract_variables(kind, model_config_)
+  have = sd_head_outputs(sd, kind)
+  num_classes = num_classes or have or voc.NUM_CLASSES
+  shapes = abstract_variables(kind, model_config_, num_classes)
   expected = {t for t, *_ in _entries(shapes)}
   missing, unexpected = expected - set(sd), set(sd) - expected
   if missing or unexpected:
@@ -161,6 +188,14 @@ def state_dict_to_variables(sd, kind, model_config_, name='state dict'):
     raise DataError(f'{name}: checkpoint of the wrong model for {kind!r} ({hint}; it holds {len(sd)} tensors, the '
                     f'model {len(expected)}); {_counted("missing", missing)}; '
                     f'{_counted("unexpected", [origin[k] for k in unexpected])}')
+  if have is not None and have != num_classes:
+    head = export.CLASS_HEAD[kind]
+    if not reinit_head:
+      raise export.head_mismatch(name, origin[f'{head}.weight'], have, num_classes)
+    logging.info('%s: class head %s has %d outputs, the model %d: re-initialised (reinit_head)', name,
+                 origin[f'{head}.weight'], have, num_classes)
+    expected = {t for t in expected if t.split('.')[0] != head}
+    shapes = init_variables(kind, model_config_, num_classes=num_classes)
   return _assign(shapes, sd, expected, name, kind, model_config_, origin)
 
 
@@ -174,13 +209,13 @@ def variables_to_state_dict(variables, kind):
           for t, _, path, x in sorted(_entries(variables), key=lambda e: e[2][:-1])}
 
 
-def load_pth(path, kind, model_config_):
-  """Strictly load an original .pth (SEAM or AffinityNet) as variables of `kind`."""
-  return state_dict_to_variables(read_pth(path), kind, model_config_, name=path)
+def load_pth(path, kind, model_config_, num_classes=voc.NUM_CLASSES, reinit_head=False):
+  """Strictly load an original .pth (SEAM or AffinityNet) as variables of `kind` (state_dict_to_variables)."""
+  return state_dict_to_variables(read_pth(path), kind, model_config_, path, num_classes, reinit_head)
 
 
-def load_npz(path, kind, model_config_):
-  return state_dict_to_variables(read_npz(path), kind, model_config_, name=path)
+def load_npz(path, kind, model_config_, num_classes=voc.NUM_CLASSES, reinit_head=False):
+  return state_dict_to_variables(read_npz(path), kind, model_config_, path, num_classes, reinit_head)
 
 
 _BN_PARAMS = {'beta': 'bias', 'gamma': 'weight', 'mean': 'running_mean', 'var': 'running_var'}
@@ -263,33 +298,43 @@ def imagenet_init(variables, path, kind, model_config_):
 
 # ----------------------------------------------------------------------------- CLI
 
-def load_variables(path, kind, model_config):
-  """Weights for model `kind` from an export folder or a .pth file (see module doc)."""
+def load_variables(path, kind, model_config, num_classes=voc.NUM_CLASSES, reinit_head=False):
+  """Weights for model `kind` with a class head of `num_classes` (K + 1: layout.num_outputs; None: the source's own)
+  from an export folder, a .pth / .npz or MXNet .params (see module doc). Weights of another class count are a
+  DataError naming the file, the head and both counts; `reinit_head=True` re-initialises that head instead."""
   if not os.path.exists(path):
     raise DataError(f'checkpoint not found: {path}')
   if os.path.isdir(path):
-    return export.load_export(path, kind, model_config)
+    if not reinit_head:
+      return export.load_export(path, kind, model_config, num_classes)
+    variables = export.load_export(path, kind, model_config)
+    if num_classes in (None, export.head_outputs(variables, kind)):
+      return variables
+    return state_dict_to_variables(variables_to_state_dict(variables, kind), kind, model_config, path, num_classes,
+                                   reinit_head)
   if path.endswith('.pth'):
-    return load_pth(path, kind, model_config)
+    return load_pth(path, kind, model_config, num_classes, reinit_head)
   if path.endswith('.npz'):   # an original-named state dict saved with NumPy (strict, like .pth)
-    return load_npz(path, kind, model_config)
+    return load_npz(path, kind, model_config, num_classes, reinit_head)
   if path.endswith('.params'):  # MXNet ImageNet ResNet38: backbone only, the head keeps its init (seed 0)
-    return imagenet_init(init_variables(kind, model_config), path, kind, model_config)
+    variables = init_variables(kind, model_config, num_classes=num_classes or voc.NUM_CLASSES)
+    return imagenet_init(variables, path, kind, model_config)
   raise DataError(f'unknown checkpoint format: {path} (expected an export folder, .pth, .npz or .params)')
 
 
-def convert(src, dst, kind, width_div=1):
+def convert(src, dst, kind, width_div=1, num_classes=None, reinit_head=False):
   """.pth / .npz -> export folder (strict), .params -> export folder (backbone; head from init),
-  export folder -> .pth / .npz."""
+  export folder -> .pth / .npz. `num_classes` (K + 1) of the result: None = the source's own (.params: VOC's 21);
+  another count than the source's needs `reinit_head`."""
   cfg = model_config(width_div)
   if os.path.isdir(src):
-    sd = variables_to_state_dict(load_variables(src, kind, cfg), kind)
+    sd = variables_to_state_dict(load_variables(src, kind, cfg, num_classes, reinit_head), kind)
     if dst.endswith('.npz'):
       return write_npz(dst, sd)
     if dst.endswith('.pth'):
       return write_pth(dst, sd)
     raise DataError(f'{dst}: destination of an export folder must end in .pth or .npz')
-  export.save_export(dst, load_variables(src, kind, cfg), kind, cfg)
+  export.save_export(dst, load_variables(src, kind, cfg, num_classes, reinit_head), kind, cfg)
 
 
 def main(argv=None):
@@ -298,10 +343,14 @@ def main(argv=None):
   p.add_argument('--dst', required=True)
   p.add_argument('--kind', required=True, choices=sorted(models.MODELS))
   p.add_argument('--width_div', type=int, default=1)
+  p.add_argument('--num_classes', type=int, default=0,
+                 help='class-head outputs of the result, background included (K + 1); 0: the source\'s own')
+  p.add_argument('--reinit_head', action='store_true',
+                 help='re-initialise a class head of another count than --num_classes instead of refusing it')
   args = p.parse_args(argv)
   logging.set_verbosity(logging.INFO)   # its own summary (imagenet_init); orbax's chatter is filtered out
   with cli.one_line_errors():
-    convert(args.src, args.dst, args.kind, args.width_div)
+    convert(args.src, args.dst, args.kind, args.width_div, args.num_classes or None, args.reinit_head)
   print(f'wrote {args.dst}')
 
 

@@ -2,7 +2,7 @@
 (RETRAIN_SPEC sections 1.2 and 1.3).
 
 Head (SSC lib/net/deeplabv1.py, QUIRK Q2): conv_fov 3x3 dilation 12 (512, no bias) -> bn_fov -> relu -> conv_fov2
-1x1 (512, no bias) -> bn_fov2 -> relu -> dropout 0.5 (element-wise) -> cls_conv 1x1 (21, with bias) -> bilinear
+1x1 (512, no bias) -> bn_fov2 -> relu -> dropout 0.5 (element-wise) -> cls_conv 1x1 (K + 1, with bias) -> bilinear
 upsample (align_corners=True) to the input size. Head init: Kaiming normal, fan_out, ReLU gain (std =
 sqrt(2 / (C_out k^2))); the cls_conv bias keeps PyTorch's default U(+-1/sqrt(fan_in)). Names mirror the original
 state dict (`backbone.b4_3.bn_branch2a`, `conv_fov`, `cls_conv`, ...).
@@ -32,6 +32,7 @@ from seam_jax.models import resnet38
 from seam_jax.models.resnet38 import BackboneNet
 
 NEW_LAYERS = ('conv_fov', 'bn_fov', 'conv_fov2', 'bn_fov2', 'cls_conv')
+CLASS_HEAD = 'cls_conv'   # the layer whose width is the class count (K + 1)
 BN_MODES = ('group', 'sync', 'frozen')
 BN_MOMENTUM = 1. - 0.0003   # PyTorch momentum 0.0003 (bn_mom / TRAIN_BN_MOM) in Flax's convention
 
@@ -91,9 +92,10 @@ def batch_norm(mode, group_size, momentum=BN_MOMENTUM):
 
 
 class DeepLab(BackboneNet):
-  """NHWC normalised image -> (N, H, W, 21) float32 logits at the input size (align_corners=True), or the stride-8
-  logits with `upsample=False`. `train` turns on the training BatchNorm of `bn_mode` and dropout (unless
-  `dropout=False`: deterministic training-mode forwards for tests)."""
+  """NHWC normalised image -> (N, H, W, num_classes) float32 logits (num_classes = K + 1, background first; VOC: 21)
+  at the input size (align_corners=True), or the stride-8 logits with `upsample=False`. `train` turns on the
+  training BatchNorm of `bn_mode` and dropout (unless `dropout=False`: deterministic training-mode forwards for
+  tests)."""
   num_classes: int = 21
   bn_mode: str = 'group'
   bn_group: int = 5

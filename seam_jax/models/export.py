@@ -1,8 +1,9 @@
-"""Exported model weights: an orbax checkpoint of {'params', 'batch_stats'} plus `model.json` naming the model.
+"""Exported model weights: an orbax checkpoint of {'params', 'batch_stats'} plus `model.json` naming the model
+(kind, width_div and, for the models with a class head, num_classes = K + 1).
 
 seam_jax.models.convert.load_variables is the single entry for every weight source (export folders, .pth, .npz,
-MXNet .params). Loading an export of another model (or another width), or a damaged one (model.json or weight files
-truncated or deleted), is a DataError naming the folder or file.
+MXNet .params). Loading an export of another model (or another width, or another class count), or a damaged one
+(model.json or weight files truncated or deleted), is a DataError naming the folder or file.
 """
 import json
 import os
@@ -14,8 +15,22 @@ import orbax.checkpoint as ocp
 
 from seam_jax import models
 from seam_jax.common.errors import DataError, describe
+from seam_jax.data import voc
 
 META = 'model.json'
+CLASS_HEAD = {'seam': models.seam.CLASS_HEAD, 'deeplab': models.deeplab.CLASS_HEAD}   # kinds with a class head
+
+
+def head_outputs(variables, kind):
+  """The class head's outputs (K + 1) of `kind`'s variables; None for a model without a class head."""
+  return int(variables['params'][CLASS_HEAD[kind]]['kernel'].shape[-1]) if kind in CLASS_HEAD else None
+
+
+def head_mismatch(source, param, have, want):
+  """The one-line error of weights whose class head `param` has `have` outputs loaded into a model of `want`."""
+  return DataError(f'{source}: class head {param} has {have} outputs ({have - 1} classes + background) but the '
+                   f'model being built has {want} ({want - 1} classes + background): weights of another class set; '
+                   'reinit_head=True (convert --reinit_head) starts that head afresh')
 
 
 def _this_process_only():
@@ -40,7 +55,10 @@ def save_export(path, variables, kind, model_config):
       ckptr.save(os.path.join(tmp, 'variables'), host)
       ckptr.wait_until_finished()
     with open(os.path.join(tmp, META), 'w') as f:
-      json.dump({'kind': kind, 'width_div': int(model_config.width_div)}, f)
+      meta = {'kind': kind, 'width_div': int(model_config.width_div)}
+      if kind in CLASS_HEAD:
+        meta['num_classes'] = head_outputs(host, kind)
+      json.dump(meta, f)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -51,7 +69,9 @@ def save_export(path, variables, kind, model_config):
 
 
 def read_meta(path):
-  """{'kind', 'width_div'} of the export folder `path`; no, unreadable or damaged model.json -> DataError naming it."""
+  """{'kind', 'width_div', 'num_classes'} of the export folder `path` (num_classes: the class head's outputs, None for
+  a model without one; exports written before it was recorded are VOC's 21); no, unreadable or damaged model.json ->
+  DataError naming it."""
   meta = os.path.join(path, META)
   if not os.path.isfile(meta):
     raise DataError(f'{path} is not a seam_jax export folder (no {META})')
@@ -62,19 +82,26 @@ def read_meta(path):
     raise DataError(f'{meta}: damaged export metadata ({describe(e)}); export or convert the weights again') from None
   ok = (isinstance(d, dict) and d.get('kind') in models.MODELS and type(d.get('width_div')) is int  # not a bool
         and d['width_div'] > 0)
+  if ok and d['kind'] in CLASS_HEAD:
+    d.setdefault('num_classes', voc.NUM_CLASSES)
+    ok = type(d['num_classes']) is int and d['num_classes'] > 1
   if not ok:
     raise DataError(f'{meta}: damaged export metadata: expected {{"kind": one of {sorted(models.MODELS)}, '
-                    f'"width_div": a positive integer}}, found {json.dumps(d)[:100]}')
-  return d
+                    f'"width_div": a positive integer, "num_classes": an integer > 1 (class-head models)}}, found '
+                    f'{json.dumps(d)[:100]}')
+  return {**d, 'num_classes': d.get('num_classes')}
 
 
-def load_export(path, kind, model_config):
-  """The {'params', 'batch_stats'} of the export folder `path` (of model `kind`, else a DataError); a damaged
-  folder (files truncated or deleted) is a DataError naming it."""
+def load_export(path, kind, model_config, num_classes=None):
+  """The {'params', 'batch_stats'} of the export folder `path` (of model `kind`, else a DataError); with
+  `num_classes` (K + 1) an export of another class count is a DataError naming it and both counts (None: as saved).
+  A damaged folder (files truncated or deleted) is a DataError naming it."""
   meta = read_meta(path)
   if meta['kind'] != kind or meta['width_div'] != model_config.width_div:
     raise DataError(f'{path} holds a {meta["kind"]} model of width_div {meta["width_div"]}, '
                     f'expected {kind} of width_div {model_config.width_div}')
+  if num_classes is not None and kind in CLASS_HEAD and meta['num_classes'] != num_classes:
+    raise head_mismatch(path, f'params/{CLASS_HEAD[kind]}', meta['num_classes'], num_classes)
   variables = os.path.join(os.path.abspath(path), 'variables')
   try:
     with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:  # no barrier

@@ -7,6 +7,7 @@ from seam_jax.common import ops
 from seam_jax.models.resnet38 import BackboneNet
 
 NEW_LAYERS = ('fc8', 'f8_3', 'f8_4', 'f9')
+CLASS_HEAD = 'fc8'   # the layer whose width is the class count (K + 1): a checkpoint of another K differs only there
 
 xavier = nn.initializers.xavier_uniform
 kaiming = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')   # torch kaiming_normal_ (fan_in, relu)
@@ -51,7 +52,8 @@ def pcm(cam, f, eps=1e-5):
 
 
 class SEAM(BackboneNet):
-  """NHWC normalised image -> (cam, cam_rv), each (N, H, W, 21) at input size (align_corners=True)."""
+  """NHWC normalised image -> (cam, cam_rv), each (N, H, W, num_classes) at input size (align_corners=True);
+  num_classes = K + 1, background first (VOC: 21)."""
   num_classes: int = 21
 
   def pcm_features(self, d, xs):
@@ -114,9 +116,9 @@ class PaddedSEAM(SEAM):
   resolution (the zeros the conv's own padding would give), and the CAM and the PCM features are zeroed outside it
   at stride 8 (the PCM and its max-normalisation are global over pixels); the stride-8 cam_rv is returned before
   SEAM's upsampling. x (B, Hp, Wp, 3) normalised padded views, valid (B, 2) unpadded (H, W), xs (B, Hp/8, Wp/8, 3)
-  each view resized to its stride-8 size (align_corners=True), zero-padded. Returns cam_rv channels 1..20 at
-  stride 8, (B, Hp/8, Wp/8, 20) float32, meaningful on [:ceil(H/8), :ceil(W/8)]. branch 'cam' returns the
-  classifier's CAM channels 1..20 instead (the plain-CAM baseline).
+  each view resized to its stride-8 size (align_corners=True), zero-padded. Returns cam_rv channels 1..K at
+  stride 8, (B, Hp/8, Wp/8, K) float32, meaningful on [:ceil(H/8), :ceil(W/8)]. branch 'cam' returns the
+  classifier's CAM channels 1..K instead (the plain-CAM baseline).
   """
   branch: str = 'cam_rv'
 

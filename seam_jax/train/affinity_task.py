@@ -34,22 +34,23 @@ def load_scores(la_path, ha_path, hw):
 
 class AffinitySource(input_pipeline.IdSource):
   """{'id', 'image': uint8 HWC, 'la', 'ha': float32 (H, W, K)} records (IdSource error handling: bad or missing
-  files raise DataError naming them, or with on_error='skip' are logged, counted and dropped)."""
+  files raise DataError naming them, or with on_error='skip' are logged, counted and dropped). `images`: a
+  layout.Images (any data format) or a VOC root (input_pipeline.as_images)."""
 
-  def __init__(self, voc_root, ids, la_dir, ha_dir, on_error='raise'):
+  def __init__(self, images, ids, la_dir, ha_dir, on_error='raise'):
     super().__init__(ids, on_error)
-    self.voc_root, self.la_dir, self.ha_dir = voc_root, la_dir, ha_dir
+    self.images, self.la_dir, self.ha_dir = input_pipeline.as_images(images), la_dir, ha_dir
 
   def load(self, index):
     image_id = self.ids[index]
-    image = files.load_image(input_pipeline.image_path(self.voc_root, image_id))
+    image = files.load_image(self.images(image_id))
     la, ha = load_scores(os.path.join(self.la_dir, image_id + '.npy'), os.path.join(self.ha_dir, image_id + '.npy'),
                          image.shape[:2])
     return {'id': image_id, 'image': image, 'la': la, 'ha': ha}
 
   def __repr__(self):
     digest = input_pipeline.ids_digest(self.ids)
-    return (f'AffinitySource(voc_root={self.voc_root!r}, la_dir={self.la_dir!r}, ha_dir={self.ha_dir!r}, '
+    return (f'AffinitySource(voc_root={self.images.voc_root!r}, la_dir={self.la_dir!r}, ha_dir={self.ha_dir!r}, '
             f'num_records={len(self.ids)}, ids_crc32={digest})')
 
 
@@ -102,7 +103,7 @@ def affinity_loader(config, seed=None):
   for folder in (la_dir, ha_dir):
     if not os.path.isdir(folder):
       raise errors.DataError(f'CRF score folder not found: {folder} (run the CAM inference + CRF stage first)')
-  source = AffinitySource(layout.voc_root(config), ids, la_dir, ha_dir, on_error=d.on_error)
+  source = AffinitySource(layout.images(config), ids, la_dir, ha_dir, on_error=d.on_error)
   augment_fn = AffinityAugment.from_config(config, device=d.device_augment)
   loader = input_pipeline.make_loader(
       source, augment_fn, global_batch_size=config.aff.batch_size,

@@ -1,6 +1,7 @@
 """SEAM training losses (SEAM_SPEC section 3), pure functions on NHWC arrays.
 
-Channel 0 is the background, channels 1..20 the foreground classes. `label` is (N, 21) with label[:, 0] = 1.
+Channel 0 is the background, channels 1..K the foreground classes (K = 20 for VOC; any K: nothing here depends on
+it). `label` is (N, K + 1) with label[:, 0] = 1.
 The equivariant transform is a parameter (seam_jax.train.equivariance): any object with `image(x)` (applied to the
 input batch) and `cam(x)` (applied to a CAM batch of the original view), so rescale, flip or rotation constraints share
 the same loss.
@@ -68,7 +69,7 @@ def seam_loss(outputs1, outputs2, label, equivariance, topk_ratio=0.2):
   """The SEAM objective for one batch; returns (loss, metrics).
 
   outputs1 = (cam1, rv1) of the net on the batch, outputs2 = (cam2, rv2) on equivariance.image(batch), each
-  (N, H, W, 21); label (N, 21) with the background column 1. With L = label broadcast over pixels:
+  (N, H, W, K + 1); label (N, K + 1) with the background column 1. With L = label broadcast over pixels:
     cls = (MLSM(mean_hw cam1, L) + MLSM(mean_hw cam2, L)) / 2     (foreground channels only)
     amp = (AMP(rv1 * L) + AMP(rv2 * L)) / 2                       (foreground channels only)
     cam1, rv1 <- equivariance.cam(maxnorm(.)) * L;  cam2, rv2 <- maxnorm(.) * L
@@ -95,7 +96,7 @@ def seam_loss(outputs1, outputs2, label, equivariance, topk_ratio=0.2):
 
 def cam_loss(outputs, label):
   """The plain-CAM baseline SEAM is compared with: the classification loss on the CAM branch alone, no ER, ECR or
-  PCM terms (cam_rv is unused). outputs = (cam, rv) of the net on the batch, (N, H, W, 21); label (N, 21):
+  PCM terms (cam_rv is unused). outputs = (cam, rv) of the net on the batch, (N, H, W, K + 1); label (N, K + 1):
     loss = MLSM(mean_hw cam, L)   (foreground channels only)
   Returns (loss, metrics) like seam_loss ('cls' = 'mlsm' = loss)."""
   cam, _ = outputs

@@ -55,7 +55,8 @@ def seg_hparams(config):
 
 
 def seg_task(config, make_loader=None):
-  """Task for trainer.train; `make_loader(seed) -> (loader, num_records)` defaults to seg_data.seg_train_loader."""
+  """Task for trainer.train; `make_loader(seed) -> (loader, num_records)` defaults to seg_data.seg_train_loader. The
+  class head has K + 1 outputs (layout.num_outputs): pseudo labels 0..K."""
   s = config.seg
   if s.bn_mode == 'group' and s.batch_size % s.bn_group:
     raise ValueError(f'seg.batch_size {s.batch_size} is not a multiple of seg.bn_group {s.bn_group}')
@@ -66,5 +67,5 @@ def seg_task(config, make_loader=None):
       name='seg', model_kind='deeplab', hparams=seg_hparams(config), make_loader=make_loader,
       loss_fn=make_loss_fn(s.bn_mode, int(s.bn_group), float(s.bn_momentum)),
       init_input_shape=(64, 64),  # parameters do not depend on the input size; small = cheap init
-      updates_batch_stats=True)
+      updates_batch_stats=True, num_outputs=layout.num_outputs(config))
 
