@@ -9,8 +9,8 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import io
+import tarfile
 
 import numpy as np
 import pytest
@@ -51,10 +51,10 @@ def run_pipeline(workdir, *flags, cwd=ROOT):
   return proc.stdout
 
 
-def check_class_count(workdir, val_ids):
+def check_class_count(workdir, val_ids, classes):
   """Every stage's outputs are K wide: labels, CAM dicts, random-walk labels, segmentation labels."""
   info = json.load(open(os.path.join(workdir, 'lists', 'dataset.json')))
-  assert info['classes'] == list(demo_formats.CLASSES) and info['num_classes'] == K
+  assert info['classes'] == list(classes) and info['num_classes'] == K
   labels = np.load(os.path.join(workdir, 'lists', 'cls_labels.npy'), allow_pickle=True).item()
   assert {np.asarray(v).shape for v in labels.values()} == {(K,)}
   assert any(np.asarray(v)[K - 1] for v in labels.values())   # the last class occurs
@@ -79,7 +79,7 @@ def test_coco_format_pipeline(user_set, tmp_path):
   assert '] eval_seg: done in' in out
   assert checksums(os.path.dirname(user_set['voc_root'])) == before
   val_ids = [l.strip() for l in open(os.path.join(workdir, 'lists', 'val.txt')) if l.strip()]
-  check_class_count(workdir, val_ids)
+  check_class_count(workdir, val_ids, demo_formats.CLASSES)   # COCO: ordered by category id
   # The masks were rasterised into the run's own folder and equal the VOC masks mapped to the COCO classes.
   lut = demo_formats.class_lut()
   for i in val_ids:
@@ -102,7 +102,7 @@ def test_csv_format_pipeline(user_set, tmp_path):
   assert '] test_seg: done in' in out and not os.path.exists(os.path.join(workdir, 'eval'))
   assert checksums(os.path.dirname(user_set['voc_root'])) == before
   val_ids = [l.strip() for l in open(os.path.join(workdir, 'lists', 'val.txt')) if l.strip()]
-  check_class_count(workdir, val_ids)
+  check_class_count(workdir, val_ids, sorted(demo_formats.CLASSES))   # CSV: the names sorted
   status = subprocess.run([sys.executable, '-m', 'seam_jax', 'status', f'--config={ROOT}/configs/demo.py:tiny',
                            f'--config.workdir={workdir}', '--config.data.format=csv',
                            f'--config.data.train_annotations={user_set["train_csv"]}',
@@ -122,12 +122,26 @@ NEW_FILES = {os.path.join('lists', 'dataset.json')}   # what issue 22 adds to a 
 
 
 def results(workdir):
-  return {p: h for p, h in checksums(workdir).items() if not any(v in os.sep + p for v in VOLATILE)}
+  """{relative path: content digest} of the run's result files; a workdir path inside a file (results.json names
+  its folders) counts as the same path, and model.json's num_classes (what this work adds) is set aside."""
+  out = {}
+  for p in checksums(workdir):
+    if any(v in os.sep + p for v in VOLATILE):
+      continue
+    with open(os.path.join(workdir, p), 'rb') as f:
+      data = f.read().replace(workdir.encode(), b'<workdir>')
+    if os.path.basename(p) == 'model.json':
+      meta = json.loads(data)
+      assert meta.pop('num_classes', 21) == 21, p
+      data = json.dumps(meta, sort_keys=True).encode()
+    out[p] = hashlib.sha1(data).hexdigest()
+  return out
 
 
 def test_voc_recipe_unchanged(tmp_path):
   """The tiny VOC demo pipeline of the commit before this work and of this code: the same files, byte for byte
-  (only dataset.json is new), so VOC runs are unchanged by the class-set plumbing."""
+  (only dataset.json is new, and model.json says num_classes 21), so VOC runs are unchanged by the class-set
+  plumbing."""
   git = subprocess.run(['git', '-C', ROOT, 'archive', BEFORE], capture_output=True)
   assert git.returncode == 0, (f'this test needs the repository history (commit {BEFORE}, the code before issue '
                                f'22): {git.stderr.decode()[-500:]}')
