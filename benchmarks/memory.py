@@ -34,7 +34,7 @@ def _jitted_step(kind, config, variables, remat, donate=True):
   from seam_jax.train import optim, trainer  # pylint: disable=g-import-not-at-top
   task = train_steps.make_task(kind, config)
   tx, _ = optim.make_optimizer(task.hparams, variables['params'], 10_000)
-  step = trainer.make_train_step(models.build(task.model_kind, config.model, remat), task, tx)
+  step = trainer.make_train_step(models.build(task.model_kind, config.model, remat, task.num_outputs), task, tx)
   mesh = sharding.make_mesh()
   if donate:
     return tx, trainer.jit_train_step(step, mesh, bool(task.hparams.fast_compile))
@@ -105,17 +105,18 @@ def jax_time_job(kind, size, remat):
   compiled = step.lower(holder['state'], batch, rng).compile()
   compile_s = time.perf_counter() - t
 
-  cpu = []   # process CPU seconds of each call: less sensitive to other processes on a shared machine than seconds
+  cpu, losses = [], []   # process CPU seconds of each call: less sensitive to other processes than seconds
 
   def run():
     t = time.process_time()
     holder['state'], metrics = compiled(holder['state'], batch, rng)
-    loss = float(np.asarray(jax.block_until_ready(metrics['loss'])))
+    losses.append(float(np.asarray(jax.block_until_ready(metrics['loss']))))
     cpu.append(time.process_time() - t)
-    return loss
+    return losses[-1]
   seconds, loss = harness.median_time(run, size.steps)
+  # first_loss: the step from the initial weights (the forward pass is the same program with remat on or off).
   return {'seconds': seconds, 'cpu_seconds': float(np.median(cpu[1:])), 'compile_s': compile_s, 'loss': loss,
-          'batch': size.batch, 'remat': remat,
+          'first_loss': losses[0], 'batch': size.batch, 'remat': remat,
           **harness.memory_analysis_mb(compiled), 'device_peak_mb': harness.device_peak_mb()}
 
 

@@ -24,7 +24,10 @@ def trainer(**values):
   t.keep_checkpoints = 3
   t.image_summaries = False
   t.fast_compile = False            # CPU only: compile the step without LLVM optimisation (small runs)
-  t.remat = False                   # models.build(remat=...): recompute early blocks in the backward, same results
+  # remat: seam_jax.models.build(remat=...): every block conv's backward tied to its cotangent and blocks b2 to b3_2
+  # recomputed in the backward (seam_jax.models.resnet38.tied_vjp): the same loss, 24 % to 36 % of the memory XLA
+  # plans for the step without it, about the same CPU time (benchmarks/README.md, "Memory (issue 24)").
+  t.remat = False
   unknown = set(values) - set(t.keys())
   if unknown:
     raise KeyError(f'sections.trainer: no trainer fields {sorted(unknown)}')

@@ -71,7 +71,9 @@ def test_profile_command_tiny():
 
 
 def test_memory_group_tiny(tmp_path):
-  """The memory group alone: XLA's plan with and without remat (remat needs less), PyTorch's peak, step times."""
+  """The memory group alone: XLA's plan with and without remat (remat needs less), PyTorch's peak, step times. The
+  first timed call's loss (from the same initial weights: the forward pass is the same program with remat on or
+  off, tests/test_remat.py) is the same bits; later ones differ as the recomputed blocks' gradients round."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.run', '--size=tiny', '--only=memory', '--nobf16',
                          f'--out={tmp_path}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
@@ -83,6 +85,6 @@ def test_memory_group_tiny(tmp_path):
     assert jx['batch'] == pt['batch'] == batch and pt['peak_alloc_mb'] > 0
     assert 0 < jx['remat_on']['total_mb'] < jx['remat_off']['total_mb']
     off, on = res[f'memory/{kind}/time/remat_off'], res[f'memory/{kind}/time/remat_on']
-    assert off['seconds'] > 0 and on['seconds'] > 0 and abs(on['loss'] - off['loss']) <= 1e-4 * abs(off['loss'])
+    assert off['seconds'] > 0 and on['seconds'] > 0 and on['first_loss'] == off['first_loss']
   assert 'remat_on_no_donation' in res['memory/seam/jax']
   assert 'Memory at the original' in md.read_text()

@@ -8,7 +8,8 @@ check for float64 / complex tensors (unsupported or emulated on TPU).
 
 The computations, built as the stages build them: model.init (trainer.random_init); the SEAM, AffinityNet,
 segmentation and pretraining train steps (trainer.make_train_step + the task, jitted by trainer.jit_train_step;
-SEAM and AffinityNet with config.data.device_augment on, so seam_jax.data.device_augment runs in the step); CAM
+SEAM and AffinityNet with config.data.device_augment on, so seam_jax.data.device_augment runs in the step), and the
+first three again with their trainer section's `remat` on (resnet38.tied_vjp's custom VJPs); CAM
 inference (cam_inference.CamEngine: PaddedSEAM), the segmentation test forward (seg_inference.SegEngine) and the
 random-walk device step (random_walk.make_step, backend 'jax', jax_method 'sparse' and 'dense'), each through its
 bucketing.DeviceLoop. The sharded functions themselves are exported (jax.export keeps only the mesh's shape: the 4
@@ -31,7 +32,7 @@ from seam_jax.data import input_pipeline, seg_data
 from seam_jax.infer import cam_inference, random_walk, seg_inference
 from seam_jax.train import affinity_task, optim, pretrain_task, seam_task, seg_task, trainer
 
-pytestmark = pytest.mark.slow   # ~1 min on 2 CPU cores: 26 exports of networks and train steps
+pytestmark = pytest.mark.slow   # ~1 min on 2 CPU cores: 30 exports of networks and train steps
 
 PLATFORMS = ('cuda', 'tpu')
 DTYPES = ('float32', 'bfloat16')
@@ -41,11 +42,13 @@ WIDE_TYPES = re.compile(r'[x<](f64|complex<[^>]*>)>')   # float64 / complex elem
 
 
 @functools.lru_cache(maxsize=None)
-def tiny(dtype):
+def tiny(dtype, remat=False):
   c = demo.get_config('tiny')
   c.model.dtype = dtype
   c.data.device_augment = True
   c.rw.backend = 'jax'
+  for section in (c.train, c.aff, c.seg, c.pretrain):   # the trainer sections' switch (configs/sections.py)
+    section.remat = remat
   return c
 
 
@@ -87,9 +90,9 @@ TASKS = {'seam': _seam, 'affinity': _affinity, 'seg': _seg, 'pretrain': _pretrai
 
 
 @functools.lru_cache(maxsize=None)
-def task(name, dtype):
+def task(name, dtype, remat=False):
   """(Task, the config its trainer runs on, one host-augmented batch row) of a training stage."""
-  return TASKS[name](tiny(dtype), np.random.default_rng(0))
+  return TASKS[name](tiny(dtype, remat), np.random.default_rng(0))
 
 
 def init_case(name, dtype):
@@ -97,13 +100,15 @@ def init_case(name, dtype):
   return trainer.random_init(c, t), (RNG,)
 
 
-def train_case(name, dtype):
-  """The trainer's jitted step (trainer._steps) on abstract state, batch and rng."""
-  t, c, row = task(name, dtype)
+def train_case(name, dtype, remat=False):
+  """The trainer's jitted step (trainer._steps) on abstract state, batch and rng; `remat`: the trainer section's
+  switch on (seam_jax.models.resnet38.tied_vjp's custom VJPs in the step)."""
+  t, c, row = task(name, dtype, remat)
+  assert bool(t.hparams.remat) == remat
   shapes = jax.eval_shape(trainer.random_init(c, t), RNG)
   tx, _ = optim.make_optimizer(t.hparams, shapes['params'], 100)
   state = jax.eval_shape(lambda v: trainer.state_from_variables(v, tx), shapes)
-  step = trainer.make_train_step(models.build(t.model_kind, c.model), t, tx)
+  step = trainer.make_train_step(models.build(t.model_kind, c.model, t.hparams.remat, t.num_outputs), t, tx)
   return trainer.jit_train_step(step, mesh(), t.hparams.fast_compile), (state, specs(row, t.hparams.batch_size), RNG)
 
 
@@ -147,6 +152,7 @@ def rw_case(method, dtype):
 CASES = {
     **{f'init_{k}': functools.partial(init_case, k) for k in ('seam', 'affinity', 'seg')},  # seg's = pretrain's
     **{f'train_{k}': functools.partial(train_case, k) for k in TASKS},
+    **{f'train_{k}_remat': functools.partial(train_case, k, remat=True) for k in ('seam', 'affinity', 'seg')},
     'train_seam_matmul_wgrad': functools.partial(train_case, 'seam'),
     'cam_inference': cam_case,
     'seg_test': seg_test_case,

@@ -81,3 +81,30 @@ def test_cotangent_zero_is_exact():
   for ct in (jnp.ones(3), -jnp.ones(3), jnp.full(3, jnp.nan), jnp.full(3, -jnp.inf), {'a': jnp.zeros(2, jnp.bfloat16)}):
     y = x + resnet38.cotangent_zero(ct)
     assert np.asarray(y).tobytes() == np.asarray(x).tobytes()
+
+
+def test_training_stage_uses_remat(tmp_path, monkeypatch):
+  """A SEAM training stage with config.train.remat = True builds its step's network with remat (the trainer passes
+  its section's switch to models.build; without it, no network is built with remat) and logs the same loss at step
+  1 as with False: the first step's loss is the forward pass from the same initial weights, the same operations
+  with remat on or off (test_remat_same_loss_and_gradients), so the same bits; the step's update then goes through
+  tied_vjp's backward."""
+  from tests import test_trainer  # pylint: disable=g-import-not-at-top
+  from seam_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  built, build = [], models.build
+
+  def spy(kind, model_config, remat=False, *args, **kwargs):
+    built.append(bool(remat))
+    return build(kind, model_config, remat, *args, **kwargs)
+  monkeypatch.setattr(models, 'build', spy)
+  losses = {}
+  for remat in (False, True):
+    built.clear()
+    config = test_trainer.make_config(tmp_path / f'remat_{remat}', max_steps=1, log_every=1, ckpt_every=1,
+                                      image_summaries=False, remat=remat)
+    trainer.train(config, test_trainer.task_for(config))
+    assert built and built.count(True) == (1 if remat else 0)   # the train step's network, once
+    (line,) = test_trainer.logged(config.workdir)
+    assert line['step'] == 1
+    losses[remat] = line['loss']
+  assert np.isfinite(losses[False]) and losses[True] == losses[False]

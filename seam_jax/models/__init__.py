@@ -7,7 +7,7 @@ from seam_jax.data import voc
 
 from seam_jax.models.affinity import AffinityNet
 from seam_jax.models.deeplab import DeepLab
-from seam_jax.models.resnet38 import FROZEN, ResNet38
+from seam_jax.models.resnet38 import FROZEN
 from seam_jax.models.seam import SEAM
 
 MODELS = {'seam': SEAM, 'affinity': AffinityNet, 'deeplab': DeepLab}
