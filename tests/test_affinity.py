@@ -266,6 +266,7 @@ def test_missing_or_mismatched_crf_files_are_data_errors(aff_config, tmp_path):
   assert skipping[1] is None and skipping[2]['la'].shape == (56, 56, 2) and skipping.skipped == 1
 
 
+@pytest.mark.slow
 def test_loader_and_loss_fn(aff_config):
   task = at.affinity_task(aff_config)
   assert (task.name, task.model_kind, task.hparams) == ('affinity', 'affinity', aff_config.aff)

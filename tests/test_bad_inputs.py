@@ -125,6 +125,7 @@ def test_label_file_missing_an_id(work):
   assert labels in run_bad(work, 'train.py')
 
 
+@pytest.mark.slow
 def test_train_list_naming_a_missing_image(work):
   ids = voc.read_list(os.path.join(work, 'lists/train.txt'))[:3] + ['2099_ghost']
   voc.write_list(os.path.join(work, 'lists/four.txt'), ids)
@@ -210,6 +211,7 @@ def test_damaged_export(work):
   line = run_bad(work, 'infer.py', '--steps=cam', f'--config.infer.checkpoint={path}')
   assert os.path.join(path, 'variables') in line and 'damaged export' in line
 
+@pytest.mark.slow
 def test_pth_with_unexpected_keys(work):
   path = os.path.join(work, 'seam.pth')
   sd = convert.variables_to_state_dict(zero_variables('seam', 32), 'seam')

@@ -59,6 +59,7 @@ def test_profile_attributes_operations():
   assert profile.torch_kind('aten::relu') == 'elementwise / reductions'
 
 
+@pytest.mark.slow
 def test_profile_command_tiny():
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.profile', '--kind=cam', '--image_hw=40,56',
@@ -70,6 +71,7 @@ def test_profile_command_tiny():
   assert float(rows['total'][0]) > 0 and float(rows['total'][2]) > 0
 
 
+@pytest.mark.slow
 def test_memory_group_tiny(tmp_path):
   """The memory group alone: XLA's plan with and without remat (remat needs less), PyTorch's peak, step times. The
   first timed call's loss (from the same initial weights: the forward pass is the same program with remat on or

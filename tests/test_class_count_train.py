@@ -60,6 +60,7 @@ def test_nets_have_k_plus_one_outputs(kind):
     assert o.shape == (2, 32, 40, K + 1)
 
 
+@pytest.mark.slow
 def test_seam_train_step_with_k_labels(tmp_path):
   config = config_k(tmp_path)
   task = seam_task.seam_task(config, make_loader=lambda seed: None)
@@ -143,6 +144,7 @@ def voc_npz(tmp_path_factory):
   return path, sd
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_class_count(voc_npz):
   path, sd = voc_npz
   with pytest.raises(DataError) as e:

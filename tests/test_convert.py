@@ -252,6 +252,7 @@ def test_cli_round_trips(tmp_path):
     convert.main(['--src', str(tmp_path / 'missing.pth'), '--dst', export] + args)
 
 
+@pytest.mark.slow
 def test_cli_module_converts_mxnet_params(tmp_path):
   params, out_dir = str(tmp_path / 'in.params'), str(tmp_path / 'aff_export')
   backbone, _ = imagenet_file(params)
@@ -309,6 +310,7 @@ def test_mxnet_list_saved_without_names(tmp_path):
       convert.load_variables(path, 'seam', CFG32)
 
 
+@pytest.mark.slow
 def test_mismatch_names_the_files_own_keys(tmp_path):
   """Missing / unexpected keys and shape mismatches are counted and named as the file names them."""
   params = str(tmp_path / 'w32.params')

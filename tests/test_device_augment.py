@@ -103,6 +103,7 @@ def data_config(long_range, crop):
   return types.SimpleNamespace(resize_long=long_range, jitter=(0.4, 0.4, 0.4, 0.2), crop_size=crop)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('long_range,crop', [((40, 64), 48), ((24, 32), 48), ((64, 96), 40)])
 def test_seam_device_path_equals_host(long_range, crop):
   """SeamAugment(device=True) + batch_images gives seam_train_augment's images, padding (0) included."""
@@ -124,6 +125,7 @@ def test_seam_device_path_equals_host(long_range, crop):
   np.testing.assert_array_equal(D.batch_images({'image': expected}, crop), expected)   # host batches pass through
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('normalize_before_crop', [False, True])
 def test_affinity_device_path_equals_host(normalize_before_crop):
   r = rng(4)

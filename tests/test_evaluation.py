@@ -170,6 +170,7 @@ def run_entry(*args):
                         timeout=900, env=dict(os.environ, PYTHONPATH=ROOT))
 
 
+@pytest.mark.slow
 def test_entry_point(tmp_path):
   rng = np.random.default_rng(5)
   ids, _, pred, gt = write_case(tmp_path, rng, 2)

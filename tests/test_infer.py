@@ -205,6 +205,7 @@ def test_upsample_matrix_matches_torch():
     np.testing.assert_allclose(got, want[..., ::-1] if flip else want, rtol=0, atol=atol)
 
 
+@pytest.mark.slow
 def test_inference_matches_unbatched_reference(net, run):
   """Each view's padded, batched network row equals SEAM on the unpadded view up to summation order, and the saved
   CAMs are the spec's recipe applied view by view to those rows (up to float32 rounding)."""

@@ -180,6 +180,7 @@ def test_orbax_round_trip(demo, tmp_path):
   assert_batches_equal(take(restored.data, 3), expected)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_stream_and_resume(demo):
   expected = take(iter(ip.seam_train_loader(demo)[0]), 5)
   demo_w = demo.copy_and_resolve_references()

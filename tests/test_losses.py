@@ -73,6 +73,7 @@ def test_ecr_loss():
   close(losses.ecr_loss(nhwc(c1), nhwc(c2), nhwc(r1), nhwc(r2), 0.2), ref.item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('size,scale', [(32, 0.3), (40, 0.5)])
 def test_seam_loss_value_and_gradients_vs_torch(size, scale):
   """Value, logged terms and gradients w.r.t. all four network outputs, on random outputs."""
@@ -117,6 +118,7 @@ def test_make_equivariance():
 
 
 # ------------------------------------------------------------------------ full loss through the networks
+@pytest.mark.slow
 def test_seam_loss_and_param_gradients_vs_torch_reference_net():
   """The key parity test: SEAM loss value and d loss / d params (every parameter, BN included) of the Flax net
   vs the PyTorch reference net with the same (converted) weights, eval mode, 64x64 inputs, 0.3 rescale."""

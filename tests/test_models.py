@@ -94,6 +94,7 @@ def narrow_seam():
   return ref, *converted(ref, 'seam', 16)
 
 
+@pytest.mark.slow
 def test_seam_parity_narrow_odd_size(narrow_seam):
   ref, model, variables = narrow_seam
   x = image((2, 50, 66, 3))
@@ -140,6 +141,7 @@ def full_seam():
   return ref_lib.randomize_(ref_lib.SEAMRef(1), seed=2).eval()
 
 
+@pytest.mark.slow
 def test_full_width_seam_parity(full_seam):
   """The real ResNet38 (width_div=1) end to end at a small input."""
   model, variables = converted(full_seam, 'seam', 1)
@@ -178,6 +180,7 @@ def test_trainable_mask_and_groups_match_original(kind):
   assert {g for g in got.values()} == {'frozen', 0, 2}
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_close_to_float32(narrow_seam):
   _, model, variables = narrow_seam
   bf16 = models.build('seam', convert.model_config(16, 'bfloat16'))
@@ -215,6 +218,7 @@ def _check_channel_dropout(inp, out, p):
   return 1 - kept[live].mean()
 
 
+@pytest.mark.slow
 def test_dropout_is_channelwise_in_train_mode(narrow_seam):
   _, model, variables = narrow_seam
   x = jnp.asarray(image((4, 50, 66, 3), seed=4))

@@ -179,6 +179,7 @@ else:
 @pytest.mark.parametrize('fail, how, wait, shown, error', [
     (1, 'uncaught', 'collective', 'RuntimeError: injected', 'RuntimeError: injected failure'),
     (0, 'exit', 'barrier', 'error: cannot read x.jpg', 'DataError: cannot read x.jpg')])
+@pytest.mark.slow
 def test_a_failing_process_stops_the_others(fail, how, wait, shown, error):
   """The failing process prints its error as usual; the other stops within seconds (not at the coordination
   service's shutdown time-out, 300 s), its last line naming the failed process and its error; both exit with

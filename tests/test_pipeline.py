@@ -126,6 +126,7 @@ class _StubNet:
 
   def __init__(self, cam, rv):
     self.outputs, self.calls = (cam, rv), 0
+    self.num_classes = cam.shape[-1]
 
   def apply(self, variables, x, train, rngs):
     del variables, train, rngs
@@ -308,7 +309,7 @@ def test_cam_baseline_infers_from_the_cam_branch(tmp_path):
   label[[2, 5]] = 1
   files.save_npy_dict(layout.cls_labels(c), {'x': label})
   model = models.build('seam', c.model)
-  variables = trainer.random_init(c, types.SimpleNamespace(model_kind='seam', init_input_shape=(24, 40)))(
+  variables = trainer.random_init(c, types.SimpleNamespace(model_kind='seam', init_input_shape=(24, 40), num_outputs=21))(
       jax.random.PRNGKey(0))
   export.save_export(layout.export_dir(c, 'seam'), variables, 'seam', c.model)
   outputs = jax.jit(model.apply, compiler_options=trainer.compiler_options(True))(variables, voc.normalize(img)[None])

@@ -298,6 +298,7 @@ def direct(setup):
   return out
 
 
+@pytest.mark.slow
 def test_driver_matches_direct_computation_and_resumes(setup, direct):
   cfg, _, _ = setup
   cfg = cfg.copy_and_resolve_references()
@@ -342,6 +343,7 @@ def test_scores_switched_on_later_are_written(setup, tmp_path):
   assert rwm.run(c)['images'] == 0
 
 
+@pytest.mark.slow
 def test_driver_jax_backend_matches_numpy(setup, direct, tmp_path):
   cfg, _, _ = setup
   outs = {}

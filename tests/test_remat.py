@@ -27,6 +27,7 @@ def loss_and_grads(kind, remat):
   return loss, grads, aux[1] if task.updates_batch_stats else {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', train_steps.KINDS)
 def test_remat_same_loss_and_gradients(kind):
   """The forward pass is the same program: the loss is the same bits. The backward recomputes the REMAT_BLOCKS with
@@ -45,6 +46,7 @@ def test_remat_same_loss_and_gradients(kind):
     np.testing.assert_allclose(b, a, rtol=0, atol=rtol * np.abs(a).max())
 
 
+@pytest.mark.slow
 def test_tied_convs_alone_are_exact(monkeypatch):
   """Without recomputed blocks, remat only ties each conv's backward to its cotangent: the very same arithmetic,
   gradients equal bit for bit."""
@@ -55,6 +57,7 @@ def test_tied_convs_alone_are_exact(monkeypatch):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
+@pytest.mark.slow
 def test_remat_same_parameters_and_recomputes():
   """The parameter tree is the same with remat (checkpoints and exports are interchangeable), and on XLA:CPU the
   REMAT_BLOCKS' forward convolutions run again in the backward (segmentation: every block is trained): more
@@ -83,6 +86,7 @@ def test_cotangent_zero_is_exact():
     assert np.asarray(y).tobytes() == np.asarray(x).tobytes()
 
 
+@pytest.mark.slow
 def test_training_stage_uses_remat(tmp_path, monkeypatch):
   """A SEAM training stage with config.train.remat = True builds its step's network with remat (the trainer passes
   its section's switch to models.build; without it, no network is built with remat) and logs the same loss at step

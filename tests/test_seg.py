@@ -101,6 +101,7 @@ def test_group_batchnorm_training_matches_dataparallel():
     float32_tol(new[k], sd32[k], sd64[k])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode, group', [('group', 4), ('sync', 8)])
 def test_batchnorm_modes_over_sharded_batches(mode, group):
   """Under jit with the batch sharded over the 8 (fake) devices: 'group' statistics per 4 images (spanning
@@ -167,6 +168,7 @@ def test_group_batchnorm_statistics():
     deeplab.batch_norm('synced', 2)
 
 
+@pytest.mark.slow
 def test_head_init_follows_the_original():
   """Kaiming normal fan_out on the head convs: std sqrt(2 / (C_out k^2)) (full width: conv_fov 0.02083, conv_fov2
   0.0625, cls_conv 0.3086); cls_conv bias U(+-1/sqrt(C_in)); head BN 1 / 0. Checked on a width-8 net."""
@@ -280,6 +282,7 @@ def test_released_checkpoint_round_trip(tmp_path):
     convert.load_variables(str(tmp_path / 'deeplabv1.pth'), 'seam', convert.model_config(32))
 
 # ------------------------------------------------------------------------------------------------ test time
+@pytest.mark.slow
 def test_multiscale_flip_fusion_matches_the_original():
   """Bucketed, padded, batched views fused on the host == the original's 12-view test (here 4 scales x flip on
   an odd-sized image; bucket 32 pads every view)."""

@@ -121,6 +121,7 @@ def assert_logs_like(straight_dir, workdir):
   assert strip(logged(workdir)) == strip(logged(straight_dir))
 
 
+@pytest.mark.slow
 def test_resumed_run_logs_what_an_uninterrupted_one_does(runs):
   assert [l['step'] for l in logged(runs['root'] / 'straight')] == [4, 6]   # every log_every steps and at the end
   assert_logs_like(runs['root'] / 'straight', runs['root'] / 'resumed')   # the line at 4 averages steps 1-4
@@ -209,6 +210,7 @@ def test_data_parallel_step_matches_single_device(runs):
   assert all(norm(c - a) > rtol * norm(a) for a, c, m in zip(d1, d_other, moved) if m)
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_skipped(runs, tmp_path, caplog):
   """The finished run's newest step with a truncated data file: a warning, the step moved aside, training resumes
   from the step before and ends bit-identical to the uninterrupted run, its log lines too."""
@@ -226,6 +228,7 @@ def test_damaged_newest_checkpoint_is_skipped(runs, tmp_path, caplog):
   assert_logs_like(runs['root'] / 'straight', tmp_path)   # steps 1-3 from the checkpoint of step 3
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_training(tmp_path):
   """A loss that turns NaN from step 4 on: a DataError naming step 4 and its metrics; the checkpoint of step 2
   stays, nothing later is saved and nothing is exported."""
