@@ -90,3 +90,24 @@ def test_memory_group_tiny(tmp_path):
     assert off['seconds'] > 0 and on['seconds'] > 0 and on['first_loss'] == off['first_loss']
   assert 'remat_on_no_donation' in res['memory/seam/jax']
   assert 'Memory at the original' in md.read_text()
+
+
+def test_memory_table_from_results():
+  """The memory group's table from a results dict (fast tier: benchmarks.memory and its report without running a
+  step): XLA's plans, PyTorch's peak and the ratios come out of the numbers given."""
+  from benchmarks import memory
+  plan = lambda total: {'argument_mb': 100., 'output_mb': 100., 'temp_mb': total - 200., 'generated_code_mb': 0.,
+                        'total_mb': total}
+  res = {'memory/seam/jax': {'batch': 2, 'crop': 448, 'remat_off': plan(4000.), 'remat_on': plan(1000.),
+                             'remat_off_no_donation': plan(4200.), 'remat_on_no_donation': plan(1100.)},
+         'memory/seam/torch': {'peak_alloc_mb': 2000., 'peak_rss_mb': 3000.},
+         'memory/seam/time/remat_off': {'seconds': 10., 'cpu_seconds': 20., 'batch': 1, 'peak_rss_mb': 5000.},
+         'memory/seam/time/remat_on': {'seconds': 12., 'cpu_seconds': 21., 'batch': 1, 'peak_rss_mb': 3000.}}
+  md = memory.markdown(res)
+  row = next(l for l in md.splitlines() if l.startswith('| SEAM'))
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert cells[1] == '2 x 448' and cells[3].endswith('**1000**') and cells[2].endswith('**4000**')
+  assert cells[4] == '2000 / 3000' and cells[5] == '0.50'          # JAX on / PyTorch
+  assert cells[7] == '1.20 / 1.05'                                  # step time and CPU seconds, on / off
+  assert '4200 MB without, 4000 MB with' in md
+  assert memory.markdown({}) == ''

@@ -2,6 +2,8 @@
 prepare on a VOC-layout set of other classes, and the stages' view of data without masks."""
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -81,3 +83,15 @@ def test_csv_data_skips_evaluation_with_a_line(tmp_path, capsys):
   # and the user's folders are protected during the run
   assert {p['train_csv'], p['val_csv'], p['image_dir']} <= set(runner.user_data(c))
   shutil.rmtree(tmp_path / 'user')
+
+
+def test_status_command_names_the_skipped_evaluations(tmp_path):
+  """`python -m seam_jax status` on a CSV config before any run: every stage missing, evaluations skipped (why)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-m', 'seam_jax', 'status', f'--config={root}/configs/demo.py:tiny',
+                         f'--config.workdir={tmp_path}', '--config.data.format=csv'], cwd=root,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = dict(l.split(': ', 1) for l in proc.stdout.splitlines() if ': ' in l)
+  assert lines['prepare'] == 'missing' and lines['train'].startswith('missing')
+  assert all(lines[n].startswith('skipped (no ground truth') for n in ('eval_cam', 'eval_crf', 'eval_rw', 'eval_seg'))
