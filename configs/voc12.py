@@ -23,6 +23,7 @@ def get_config():
   c.data.format = 'voc'
   c.data.classes = ()               # foreground class names in index order; () = VOC's 20 (voc) or the CSV's sorted
                                     # names (csv); coco takes them from the JSON's categories (sorted by id)
+  c.data.dataset_file = ''          # or a dataset.json of your own (README: names, ignore label, palette; voc, csv)
   c.data.train_annotations = ''     # coco: instances_train*.json; csv: the training images' label CSV
   c.data.val_annotations = ''       # coco / csv: the same for the val images ('' = no val set)
   c.data.image_dir = ''             # coco / csv: the folder the training file names are relative to

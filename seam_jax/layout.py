@@ -87,16 +87,15 @@ def _stamp(path):
 
 def dataset(config):
   """The run's class set (DatasetInfo): <list_dir>/dataset.json when prepare wrote it; before that (and for a VOC
-  layout whose lists come from elsewhere) data.classes, '' / () = VOC's 20 classes. The COCO and CSV formats have no
+  layout whose lists come from elsewhere) data.dataset_file, else data.classes, () = VOC's 20 classes. The COCO and CSV formats have no
   class set before prepare: an error saying so."""
   path = dataset_file(config)
   if os.path.isfile(path):
     return _read_dataset(path, _stamp(path))
   if data_format(config) != 'voc':
     raise DataError(f'{path} not found: run prepare first (it reads the class set of the {config.data.format} data)')
-  if config.data.classes:
-    return dataset_info.DatasetInfo.parse('config.data.classes', 'voc_layout', list(config.data.classes))
-  return dataset_info.DatasetInfo.VOC
+  from seam_jax.data import prepare  # pylint: disable=g-import-not-at-top  (prepare imports layout)
+  return prepare.voc_layout_info(config)
 
 
 def num_classes(config):

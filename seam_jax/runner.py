@@ -65,7 +65,8 @@ def user_data(config):
   and the COCO / CSV formats' annotation files and image folders."""
   from seam_jax.data import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
   d = config.data
-  roots = [d.sbd_root, config.eval.gt_dir, d.train_annotations, d.val_annotations, d.image_dir, d.val_image_dir]
+  roots = [d.sbd_root, config.eval.gt_dir, d.train_annotations, d.val_annotations, d.image_dir, d.val_image_dir,
+           d.dataset_file]
   voc_root = d.voc_root
   if voc_root and not prepare_lib.demo_may_write(voc_root):
     roots.append(voc_root)

@@ -128,13 +128,14 @@ def _prepare_outputs(c):
 
 def _prepare_inputs(c):
   d = c.data
+  described = [d.dataset_file] if d.dataset_file else []
   if layout.data_format(c) == 'voc':
-    return [layout.voc_root(c)] + ([d.sbd_root] if d.sbd_root else [])
-  return [p for p in (d.train_annotations, d.image_dir, d.val_annotations, d.val_image_dir) if p]
+    return [layout.voc_root(c)] + ([d.sbd_root] if d.sbd_root else []) + described
+  return [p for p in (d.train_annotations, d.image_dir, d.val_annotations, d.val_image_dir) if p] + described
 
 
 @stage('prepare', outputs=_prepare_outputs, inputs=_prepare_inputs,
-       fields=('data.format', 'data.classes', 'data.train_annotations', 'data.val_annotations', 'data.image_dir',
+       fields=('data.format', 'data.classes', 'data.dataset_file', 'data.train_annotations', 'data.val_annotations', 'data.image_dir',
                'data.val_image_dir', 'data.voc_root', 'data.sbd_root', 'data.label_source', 'data.list_dir',
                'data.cls_labels', 'data.on_error'), main_only=True)
 def run_prepare(config, force=False, workers=0):

@@ -95,3 +95,20 @@ def test_status_command_names_the_skipped_evaluations(tmp_path):
   lines = dict(l.split(': ', 1) for l in proc.stdout.splitlines() if ': ' in l)
   assert lines['prepare'] == 'missing' and lines['train'].startswith('missing')
   assert all(lines[n].startswith('skipped (no ground truth') for n in ('eval_cam', 'eval_crf', 'eval_rw', 'eval_seg'))
+
+
+def test_a_described_class_set_of_your_own(tmp_path):
+  """data.dataset_file: a dataset.json of the user's (names, ignore label, palette) describes a CSV set; the run's
+  dataset.json carries it, and giving data.classes as well is one line."""
+  p = demo_formats.generate(str(tmp_path / 'user'), num_train=4, num_val=2, num_aug=0, image_size=(48, 64))
+  mine = dataset_info.DatasetInfo('shapes', list(demo_formats.CLASSES), ignore_label=254,
+                                  palette=[[0, 0, 0]] + [[10 * k, 20 * k, 30 * k] for k in range(1, 8)])
+  described = mine.write(str(tmp_path / 'user'))
+  c = config_at(tmp_path, format='csv', train_annotations=p['train_csv'], image_dir=p['image_dir'],
+                dataset_file=described)
+  prepare.prepare(c, workers=1)
+  assert layout.dataset(c) == mine and described in runner.user_data(c)
+  assert layout.dataset(c).palette_array()[3].tolist() == [30, 60, 90]
+  c.data.classes = ('a', 'b')
+  with pytest.raises(DataError, match='data.classes and config.data.dataset_file are both set'):
+    prepare.prepare(c, workers=1)

@@ -69,12 +69,17 @@ def check_class_count(workdir, val_ids, classes):
       sorted(val_ids)
 
 
+def format_flags(user_set, fmt):
+  """The flags that point a run at the generated set in `fmt` ('coco' or 'csv')."""
+  ext = {'coco': 'json', 'csv': 'csv'}[fmt]
+  return [f'--config.data.format={fmt}', f'--config.data.train_annotations={user_set[f"train_{ext}"]}',
+          f'--config.data.val_annotations={user_set[f"val_{ext}"]}', f'--config.data.image_dir={user_set["image_dir"]}']
+
+
 def test_coco_format_pipeline(user_set, tmp_path):
   before = checksums(os.path.dirname(user_set['voc_root']))
   workdir = str(tmp_path / 'run')
-  out = run_pipeline(workdir, '--config.data.format=coco', f'--config.data.train_annotations={user_set["train_json"]}',
-                     f'--config.data.val_annotations={user_set["val_json"]}',
-                     f'--config.data.image_dir={user_set["image_dir"]}')
+  out = run_pipeline(workdir, *format_flags(user_set, 'coco'))
   assert '] demo:' not in out   # the demo generator writes the VOC layout only
   assert '] eval_seg: done in' in out
   assert checksums(os.path.dirname(user_set['voc_root'])) == before
@@ -94,9 +99,7 @@ def test_coco_format_pipeline(user_set, tmp_path):
 def test_csv_format_pipeline(user_set, tmp_path):
   before = checksums(os.path.dirname(user_set['voc_root']))
   workdir = str(tmp_path / 'run')
-  out = run_pipeline(workdir, '--config.data.format=csv', f'--config.data.train_annotations={user_set["train_csv"]}',
-                     f'--config.data.val_annotations={user_set["val_csv"]}',
-                     f'--config.data.image_dir={user_set["image_dir"]}')
+  out = run_pipeline(workdir, *format_flags(user_set, 'csv'))
   for name in EVAL_STAGES:
     assert f'] {name}: skipped: no ground truth' in out, name
   assert '] test_seg: done in' in out and not os.path.exists(os.path.join(workdir, 'eval'))
@@ -104,10 +107,7 @@ def test_csv_format_pipeline(user_set, tmp_path):
   val_ids = [l.strip() for l in open(os.path.join(workdir, 'lists', 'val.txt')) if l.strip()]
   check_class_count(workdir, val_ids, sorted(demo_formats.CLASSES))   # CSV: the names sorted
   status = subprocess.run([sys.executable, '-m', 'seam_jax', 'status', f'--config={ROOT}/configs/demo.py:tiny',
-                           f'--config.workdir={workdir}', '--config.data.format=csv',
-                           f'--config.data.train_annotations={user_set["train_csv"]}',
-                           f'--config.data.val_annotations={user_set["val_csv"]}',
-                           f'--config.data.image_dir={user_set["image_dir"]}'],
+                           f'--config.workdir={workdir}', *format_flags(user_set, 'csv')],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert status.returncode == 0, status.stderr[-2000:]
   lines = dict(l.split(': ', 1) for l in status.stdout.splitlines() if ': ' in l)

@@ -34,8 +34,9 @@ def voc_copy(demo_root, tmp_path):
 
 
 def data_config(voc_root, out_dir, **kw):
-  d = ml_collections.ConfigDict(dict(format='voc', classes=(), voc_root=voc_root, sbd_root='',
-                                     list_dir=str(out_dir / 'lists'), cls_labels=str(out_dir / 'lists' / 'cls_labels.npy'), label_source='masks',
+  d = ml_collections.ConfigDict(dict(format='voc', classes=(), dataset_file='', voc_root=voc_root, sbd_root='',
+                                     list_dir=str(out_dir / 'lists'),
+                                     cls_labels=str(out_dir / 'lists' / 'cls_labels.npy'), label_source='masks',
                                      on_error='raise'))
   d.update(kw)
   return d

@@ -55,12 +55,14 @@ def prepare(train_csv, image_dir, list_dir, val_csv='', val_image_dir='', classe
             workers=0):
   """Read and check the label CSV(s) and their images; write the lists, cls_labels.npy ('' = <list_dir>/
   cls_labels.npy, float32[K] per id), dataset.json and image_paths.tsv into list_dir. classes: the class names in
-  index order (None: the sorted names of the CSVs); workers: processes decoding image headers (0 or 1: in this
-  process). Returns a summary (also logged)."""
+  index order (None: the sorted names of the CSVs), or a whole DatasetInfo (names, ignore label, palette);
+  workers: processes decoding image headers (0 or 1: in this process). Returns a summary (also logged)."""
   splits = [('train', train_csv, image_dir)] + ([('val', val_csv, val_image_dir or image_dir)] if val_csv else [])
   dataset_info.refuse_inside([list_dir] + ([cls_labels] if cls_labels else []), [d for _, _, d in splits])
   rows = [(split, folder, row) for split, path, folder in splits for row in read_csv(path)]
-  if classes is None:
+  if isinstance(classes, dataset_info.DatasetInfo):
+    info = classes
+  elif classes is None:
     info = dataset_info.DatasetInfo.parse(f'the class names of {train_csv}', name,
                                           sorted({n for _, _, (_, names, _) in rows for n in names}))
   else:

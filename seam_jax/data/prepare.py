@@ -196,8 +196,22 @@ def prepare(config, workers=0):
   return summary
 
 
+def described_info(config):
+  """The DatasetInfo of data.dataset_file (a dataset.json of your own: names, ignore label, palette), None when
+  unset; giving data.classes too is an error (two descriptions)."""
+  d = config.data
+  if not d.dataset_file:
+    return None
+  if d.classes:
+    raise errors.DataError('config.data.classes and config.data.dataset_file are both set: give the classes once')
+  return dataset_info.DatasetInfo.from_json(d.dataset_file)
+
+
 def voc_layout_info(config):
-  """The class set of a VOC-layout set: data.classes, () = VOC's 20."""
+  """The class set of a VOC-layout set: data.dataset_file, else data.classes, () = VOC's 20."""
+  described = described_info(config)
+  if described is not None:
+    return described
   if not config.data.classes:
     return dataset_info.DatasetInfo.VOC
   return dataset_info.DatasetInfo.parse('config.data.classes', 'voc_layout', list(config.data.classes))
@@ -214,15 +228,15 @@ def prepare_other(config, fmt, workers=0):
                 workers=workers)
   if fmt == 'coco':
     from seam_jax.data import coco  # pylint: disable=g-import-not-at-top
-    if d.classes:
-      raise errors.DataError('config.data.classes is set, but data.format coco takes the classes from the JSON '
-                             'categories: leave it empty')
+    if d.classes or d.dataset_file:
+      raise errors.DataError('config.data.classes or data.dataset_file is set, but data.format coco takes the '
+                             'classes from the JSON categories: leave them empty')
     common['val_images'] = common.pop('val_image_dir')
     return coco.prepare(d.train_annotations, d.image_dir, gt_dir=layout.coco_gt_dir(config),
                         val_json=d.val_annotations, **common)
   from seam_jax.data import csv_labels  # pylint: disable=g-import-not-at-top
   return csv_labels.prepare(d.train_annotations, d.image_dir, val_csv=d.val_annotations,
-                            classes=list(d.classes) or None, **common)
+                            classes=described_info(config) or list(d.classes) or None, **common)
 
 
 DEMO_MARKER = '.seam_jax_demo'   # written first into a folder the demo generates: the folder is the run's own
