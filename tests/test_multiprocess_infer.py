@@ -154,7 +154,7 @@ def test_two_processes_equal_one(data):
   images = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(overrides['data.voc_root'], 'JPEGImages')))
   expected = ({f'{d}/{i}.npy' for d in ('cam', 'crf_4.0', 'crf_24.0', 'rw') for i in ids} |
               {f'{d}/{i}.png' for d in ('rw', 'seg_pred') for i in ids} |
-              {f'predict/{i}{s}.png' for i in images for s in ('', '_overlay')})
+              {f'predict/{i}{s}.png' for i in images for s in ('', '_overlay')} | {'predict/legend.png'})
   assert expected <= set(names) and all(n in expected or n.startswith('eval/') for n in names)
   assert {f'eval/{k}/results.json' for k in ('cam', 'crf', 'rw', 'seg')} <= set(names)
   for key, n in (('cam_images', len(ids)), ('seg_images', len(ids)), ('predicted', len(images))):  # disjoint shares
