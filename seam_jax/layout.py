@@ -87,15 +87,28 @@ def _stamp(path):
 
 def dataset(config):
   """The run's class set (DatasetInfo): <list_dir>/dataset.json when prepare wrote it; before that (and for a VOC
-  layout whose lists come from elsewhere) data.dataset_file, else data.classes, () = VOC's 20 classes. The COCO and CSV formats have no
-  class set before prepare: an error saying so."""
+  layout whose lists come from elsewhere) configured_dataset. The COCO and CSV formats have no class set before
+  prepare: an error saying so."""
   path = dataset_file(config)
   if os.path.isfile(path):
     return _read_dataset(path, _stamp(path))
   if data_format(config) != 'voc':
     raise DataError(f'{path} not found: run prepare first (it reads the class set of the {config.data.format} data)')
-  from seam_jax.data import prepare  # pylint: disable=g-import-not-at-top  (prepare imports layout)
-  return prepare.voc_layout_info(config)
+  return configured_dataset(config)
+
+
+def configured_dataset(config):
+  """The class set the config gives (what prepare writes for the VOC and CSV formats): data.dataset_file (a
+  dataset.json of your own: names, ignore label, palette), else data.classes; with neither, VOC's 20 classes for
+  the VOC layout and None for CSV (its reader takes the sorted names of the CSVs). Both at once is an error."""
+  d = config.data
+  if d.dataset_file:
+    if d.classes:
+      raise DataError('config.data.classes and config.data.dataset_file are both set: give the classes once')
+    return dataset_info.DatasetInfo.from_json(d.dataset_file)
+  if d.classes:
+    return dataset_info.DatasetInfo.parse('config.data.classes', f'{d.format}_layout', list(d.classes))
+  return dataset_info.DatasetInfo.VOC if data_format(config) == 'voc' else None
 
 
 def num_classes(config):

@@ -72,7 +72,8 @@ def _concat(*lists):
 
 
 def _images(c, list_name):
-  return _per_id(lambda i: layout.image_path(c, i), ids_or_none(c, list_name))
+  ids = ids_or_none(c, list_name)
+  return None if ids is None else _per_id(layout.images(c), ids)
 
 
 def _dataset(c):
@@ -135,9 +136,9 @@ def _prepare_inputs(c):
 
 
 @stage('prepare', outputs=_prepare_outputs, inputs=_prepare_inputs,
-       fields=('data.format', 'data.classes', 'data.dataset_file', 'data.train_annotations', 'data.val_annotations', 'data.image_dir',
-               'data.val_image_dir', 'data.voc_root', 'data.sbd_root', 'data.label_source', 'data.list_dir',
-               'data.cls_labels', 'data.on_error'), main_only=True)
+       fields=('data.format', 'data.classes', 'data.dataset_file', 'data.train_annotations', 'data.val_annotations',
+               'data.image_dir', 'data.val_image_dir', 'data.voc_root', 'data.sbd_root', 'data.label_source',
+               'data.list_dir', 'data.cls_labels', 'data.on_error'), main_only=True)
 def run_prepare(config, force=False, workers=0):
   del force  # always rewrites its outputs
   return prepare_lib.prepare(config, workers=workers or os.cpu_count())

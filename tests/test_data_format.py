@@ -53,7 +53,7 @@ def test_voc_layout_of_other_classes(tiny_demo, tmp_path):
   exceed K is one line naming the file (its values would be scored as other classes)."""
   names = ('person', 'aeroplane', 'cat', 'bus', 'dog')
   c = config_at(tmp_path, voc_root=layout.voc_root(tiny_demo), label_source='xml', classes=names)
-  info = prepare.voc_layout_info(c)
+  info = layout.configured_dataset(c)
   assert info.classes == names and info.num_classes == 5
   voc = np.load(layout.cls_labels(tiny_demo), allow_pickle=True).item()
   index = [demo_formats.voc.CLASSES.index(n) - 1 for n in names]

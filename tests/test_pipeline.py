@@ -309,8 +309,8 @@ def test_cam_baseline_infers_from_the_cam_branch(tmp_path):
   label[[2, 5]] = 1
   files.save_npy_dict(layout.cls_labels(c), {'x': label})
   model = models.build('seam', c.model)
-  variables = trainer.random_init(c, types.SimpleNamespace(model_kind='seam', init_input_shape=(24, 40), num_outputs=21))(
-      jax.random.PRNGKey(0))
+  task = types.SimpleNamespace(model_kind='seam', init_input_shape=(24, 40), num_outputs=21)
+  variables = trainer.random_init(c, task)(jax.random.PRNGKey(0))
   export.save_export(layout.export_dir(c, 'seam'), variables, 'seam', c.model)
   outputs = jax.jit(model.apply, compiler_options=trainer.compiler_options(True))(variables, voc.normalize(img)[None])
   for method, k in (('cam', 0), ('seam', 1)):       # the baseline's CAMs: cam; SEAM's: cam_rv

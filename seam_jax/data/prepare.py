@@ -149,7 +149,7 @@ def prepare(config, workers=0):
     return prepare_other(config, fmt, workers)
   d = config.data
   voc_root, list_dir, cls_labels = layout.voc_root(config), layout.list_dir(config), layout.cls_labels(config)
-  info = voc_layout_info(config)
+  info = layout.configured_dataset(config)
   if d.label_source not in LABEL_SOURCES:
     raise errors.DataError(f'config.data.label_source must be one of {LABEL_SOURCES}, got {d.label_source!r}')
   if d.on_error not in ('raise', 'skip'):
@@ -196,27 +196,6 @@ def prepare(config, workers=0):
   return summary
 
 
-def described_info(config):
-  """The DatasetInfo of data.dataset_file (a dataset.json of your own: names, ignore label, palette), None when
-  unset; giving data.classes too is an error (two descriptions)."""
-  d = config.data
-  if not d.dataset_file:
-    return None
-  if d.classes:
-    raise errors.DataError('config.data.classes and config.data.dataset_file are both set: give the classes once')
-  return dataset_info.DatasetInfo.from_json(d.dataset_file)
-
-
-def voc_layout_info(config):
-  """The class set of a VOC-layout set: data.dataset_file, else data.classes, () = VOC's 20."""
-  described = described_info(config)
-  if described is not None:
-    return described
-  if not config.data.classes:
-    return dataset_info.DatasetInfo.VOC
-  return dataset_info.DatasetInfo.parse('config.data.classes', 'voc_layout', list(config.data.classes))
-
-
 def prepare_other(config, fmt, workers=0):
   """data.format 'coco' or 'csv': the reader's run files in list_dir (COCO: masks in layout.coco_gt_dir)."""
   d = config.data
@@ -236,7 +215,7 @@ def prepare_other(config, fmt, workers=0):
                         val_json=d.val_annotations, **common)
   from seam_jax.data import csv_labels  # pylint: disable=g-import-not-at-top
   return csv_labels.prepare(d.train_annotations, d.image_dir, val_csv=d.val_annotations,
-                            classes=described_info(config) or list(d.classes) or None, **common)
+                            classes=layout.configured_dataset(config), **common)
 
 
 DEMO_MARKER = '.seam_jax_demo'   # written first into a folder the demo generates: the folder is the run's own
