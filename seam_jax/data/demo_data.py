@@ -1,19 +1,20 @@
 """A small offline data set in the exact PASCAL VOC 2012 layout (SEAM_SPEC section 8), generated from a seed.
 
-Two styles (Style): the hard set (default) draws each of the 20 classes as a distinct rotated shape filled with a
-distinct texture in a class hue (jittered); an image holds 1-4 objects of 15-50% of its shorter side over a
-cluttered background, later objects occluding earlier ones. The plain set (plain=True, configs/demo.py) draws a few
-classes as flat discs, each class in its own hue (plain_colour: spread evenly over the wheel), 1-2 per image, on
-grey pixel noise: what the demo's narrow ResNet38 learns in minutes on a CPU from a backbone pretrained on hues
-(seam_jax.data.pretrain_data; from scratch some hues stay indistinguishable from the background). In both, masks
-are exactly what is drawn, with 255 on a 2 px band along every instance boundary as in VOC. Objects left with too
-few visible pixels are not drawn at all, so the classes of the XML objects equal the classes of the mask and both
-label sources (`label_source` 'xml' or 'masks') agree. Every image depends only on (seed, index, style): the output
-is byte-identical with or without a process pool.
+Two styles (Style), drawn with seam_jax.data.shapes: the hard set (default) draws each of the 20 classes as a
+distinct rotated shape filled with a distinct texture in a class hue (jittered); an image holds 1-4 objects of
+15-50% of its shorter side over a cluttered background, later objects occluding earlier ones. The plain set
+(plain=True, configs/demo.py) draws a few classes as flat discs, each class in its own hue (plain_colour: spread
+evenly over the wheel), 1-2 per image, on grey pixel noise: what the demo's narrow ResNet38 learns in minutes on a
+CPU from a backbone pretrained on hues (seam_jax.data.pretrain_data; from scratch some hues stay indistinguishable
+from the background). Optional Style fields vary the plain set (colours of its own, the hard set's shapes at random
+poses, other backgrounds: seam_jax.data.style_draws); at their defaults the random draws and the output are exactly
+those of before the fields existed. In both styles, masks are exactly what is drawn, with 255 on a 2 px band along
+every instance boundary as in VOC. Objects left with too few visible pixels are not drawn at all, so the classes of
+the XML objects equal the classes of the mask and both label sources (`label_source` 'xml' or 'masks') agree. Every
+image depends only on (seed, index, style): the output is byte-identical with or without a process pool.
 
   python -m seam_jax.data.demo_data --root work_dirs/demo/VOC2012 --seed 0
 """
-import colorsys
 import functools
 import os
 import sys
@@ -24,14 +25,17 @@ import xml.etree.ElementTree as ET
 from absl import app
 from absl import flags
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from seam_jax.common import errors, files, pools
 from seam_jax.data import voc
+from seam_jax.data import shapes as shapes_lib
+from seam_jax.data.shapes import SHAPES, hsv_to_rgb, object_frame   # drawn in shapes; public here as before
 
 NUM_OBJECTS_P = (0.3, 0.3, 0.25, 0.15)  # P(1, 2, 3, 4 objects)
 MIN_VISIBLE_PX = 30                     # non-void pixels an object needs to be kept ...
 MIN_VISIBLE_FRAC = 0.2                  # ... and this fraction of its in-image area
+MAX_DRAWS = 1000                        # draws of an image's objects until its primary shows, then a DataError
 DIFFICULT_P = 0.1                       # extra objects marked <difficult> at random
 SPLITS = ('train', 'val', 'aug')        # aug: "SBD-only" ids, in SegmentationClassAug but in no VOC list
 ALL_CLASSES = tuple(range(1, voc.NUM_FG + 1))
@@ -48,6 +52,11 @@ class Style(NamedTuple):
   # With few classes and an object in every image, "none of the other classes" implies the last one, and a CAM can
   # learn that from the background; images with nothing in them forbid it.
   empty_p: float = 0.0
+  # Plain set only: per-class RGB colours and SHAPES indices, in the order of `classes` (() = plain_colour, discs).
+  # Shapes are drawn at a random rotation and aspect (0.85-1.15).
+  palette: Tuple[Tuple[int, int, int], ...] = ()
+  shapes: Tuple[int, ...] = ()
+  background: str = ''  # '' or one of shapes.BACKGROUNDS; '' = grey noise at 128 (plain) or clutter (hard)
 
 
 PLAIN_OBJECTS_P = (0.5, 0.5)
@@ -61,117 +70,19 @@ def plain_colour(cls, classes=ALL_CLASSES):
   return tuple(int(round(v)) for v in hsv_to_rgb(classes.index(cls) / len(classes), .85, .9))
 
 
-# Shapes: boolean functions of unit object coordinates (u, v), radius ~1.
-def _polygon(n):
-  def inside(u, v):
-    a = np.arctan2(v, u)
-    return np.hypot(u, v) * np.cos(np.mod(a, 2 * np.pi / n) - np.pi / n) <= np.cos(np.pi / n)
-  return inside
-
-
-def _star(n, inner):
-  def inside(u, v):
-    tip = np.abs(2 * np.mod(np.arctan2(v, u) * n / (2 * np.pi), 1.) - 1)  # 1 at the tips, 0 between
-    return np.hypot(u, v) <= inner + (1 - inner) * tip
-  return inside
-
-
-def _box(u, v, x0, x1, y0, y1):
-  return (u >= x0) & (u <= x1) & (v >= y0) & (v <= y1)
-
-
-SHAPES = (
-    lambda u, v: _box(u, v, -1, 1, -.3, .3) | _box(u, v, -.3, .3, -1, 1),                  # cross
-    lambda u, v: (np.hypot(u, v) <= 1) & (np.hypot(u, v) >= .55),                          # ring
-    _polygon(3),                                                                           # triangle
-    lambda u, v: (np.hypot(u, v) <= 1) & (v >= -.15),                                      # half disk
-    lambda u, v: _box(u, v, -.4, .4, -.6, .6) | (np.hypot(u, np.abs(v) - .6) <= .4),       # capsule
-    lambda u, v: _box(u, v, -1, 1, -.55, .55),                                             # rectangle
-    lambda u, v: (np.abs(v) <= .55) & (np.abs(u) <= .95 - .55 * (v + .55)),                # trapezoid
-    _star(5, .4),                                                                          # star
-    lambda u, v: _box(u, v, -1, -.3, -1, 1) | _box(u, v, -1, 1, .3, 1),                    # L
-    lambda u, v: u ** 2 + (v / .6) ** 2 <= 1,                                              # ellipse
-    lambda u, v: _box(u, v, -1, 1, -1, -.45) | _box(u, v, -.28, .28, -1, 1),               # T
-    _polygon(6),                                                                           # hexagon
-    lambda u, v: (np.hypot(u, v) <= 1) & (np.hypot(u - .45, v) > .75),                     # crescent
-    lambda u, v: (np.abs(u) <= 1) & (np.abs(v) <= .9 * np.abs(u) + .12),                   # bow tie
-    _star(4, .3),                                                                          # sparkle
-    lambda u, v: np.hypot(u, v) <= .68 + .32 * np.cos(6 * np.arctan2(v, u)),               # flower
-    lambda u, v: _box(u, v, -1, 1, -1, 1) & ~_box(u, v, -.5, .5, -.5, .5),                 # frame
-    _polygon(5),                                                                           # pentagon
-    lambda u, v: np.abs(u) + np.abs(v) / .6 <= 1,                                          # rhombus
-    lambda u, v: _box(u, v, -1, .2, -.25, .25) | ((u >= .2) & (np.abs(v) <= .7 * (1 - u) / .8)),  # arrow
-)
-
-
-# Textures: functions of object-frame pixel coordinates (x, y), radius s and rng -> blend weight in [0, 1].
-def _stripes(deg, p):
-  c, s_ = np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))
-  return lambda x, y, s, rng: np.mod(x * c + y * s_, p) < p / 2
-
-
-def _checker(p):
-  return lambda x, y, s, rng: np.mod(np.floor(x / p) + np.floor(y / p), 2) > 0
-
-
-def _dots(p, r):
-  return lambda x, y, s, rng: np.hypot(np.mod(x, p) - p / 2, np.mod(y, p) - p / 2) < r
-
-
-def _grid(p, w):
-  return lambda x, y, s, rng: (np.mod(x, p) < w) | (np.mod(y, p) < w)
-
-
-def _rings(p):
-  return lambda x, y, s, rng: np.mod(np.hypot(x, y), p) < p / 2
-
-
-def _waves(p):
-  return lambda x, y, s, rng: np.mod(y + .35 * p * np.sin(2 * np.pi * x / p), p) < p / 2
-
-
-def _gradient(deg):
-  c, s_ = np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))
-  return lambda x, y, s, rng: np.clip((x * c + y * s_) / (2 * s) + .5, 0, 1)
-
-
-def _radial():
-  return lambda x, y, s, rng: np.clip(np.hypot(x, y) / s, 0, 1)
-
-
-def _speckle(density):
-  return lambda x, y, s, rng: rng.random(x.shape) < density
-
-
-def _solid():
-  return lambda x, y, s, rng: np.zeros(x.shape)
-
-
-_TEXTURES = (_stripes(0, 6), _checker(5), _dots(6, 1.8), _gradient(0), _stripes(45, 5), _grid(7, 2), _rings(6),
-             _waves(7), _speckle(.35), _radial(), _stripes(90, 9), _checker(8), _dots(9, 3), _stripes(135, 4),
-             _solid(), _grid(5, 1), _waves(4), _rings(10), _speckle(.65), _gradient(90))
-assert len(SHAPES) == len(_TEXTURES) == voc.NUM_FG
-
-
-def hsv_to_rgb(h, s, v):
-  return np.array(colorsys.hsv_to_rgb(h % 1., s, v), np.float32) * 255
-
-
-def object_frame(h, w, cx, cy, theta):
-  """Pixel-centre coordinates rotated into the object frame."""
-  yy, xx = np.mgrid[:h, :w].astype(np.float32) + .5
-  dx, dy = xx - cx, yy - cy
-  c, s = np.cos(theta), np.sin(theta)
-  return dx * c + dy * s, dy * c - dx * s
-
-
 def _sample_object(rng, cls, h, w, style):
   """One object of class `cls` (1..20) at a random pose: (in-image boolean mask, full-frame RGB fill)."""
   s = rng.uniform(*style.object_scale) * min(h, w) / 2
   cx, cy = rng.uniform(.15, .85) * w, rng.uniform(.15, .85) * h
   if style.plain:
-    x, y = object_frame(h, w, cx, cy, 0.)
-    return np.hypot(x, y) <= s, np.broadcast_to(np.array(plain_colour(cls, style.classes), np.float32), (h, w, 3))
+    k = style.classes.index(cls)
+    colour = np.array(style.palette[k] if style.palette else plain_colour(cls, style.classes), np.float32)
+    if not style.shapes:
+      x, y = object_frame(h, w, cx, cy, 0.)
+      return np.hypot(x, y) <= s, np.broadcast_to(colour, (h, w, 3))
+    x, y = object_frame(h, w, cx, cy, rng.uniform(0, 2 * np.pi))
+    aspect = rng.uniform(.85, 1.15)
+    return SHAPES[style.shapes[k]](x / s, y / (s * aspect)), np.broadcast_to(colour, (h, w, 3))
   aspect = rng.uniform(.85, 1.15)
   x, y = object_frame(h, w, cx, cy, rng.uniform(0, 2 * np.pi))
   mask = SHAPES[cls - 1](x / s, y / (s * aspect))
@@ -179,29 +90,8 @@ def _sample_object(rng, cls, h, w, style):
   sat, val = rng.uniform(.55, .9), rng.uniform(.65, .95)
   a = hsv_to_rgb(hue, sat, val)
   b = hsv_to_rgb(hue, sat, val * .35) if cls % 2 else hsv_to_rgb(hue, sat * .25, min(1., val + .3))
-  t = _TEXTURES[cls - 1](x, y, s, rng).astype(np.float32)[..., None]
+  t = shapes_lib.TEXTURES[cls - 1](x, y, s, rng).astype(np.float32)[..., None]
   return mask, a * (1 - t) + b * t
-
-
-def _background(rng, h, w, clutter):
-  """Low-contrast clutter (x `clutter`): smooth colour noise, random lines and irregular polygons of no class."""
-  base = hsv_to_rgb(rng.random(), rng.uniform(0, .3), rng.uniform(.35, .8))
-  low = rng.uniform(0, 255, (rng.integers(3, 7), rng.integers(3, 7), 3)).astype(np.uint8)
-  low = np.asarray(Image.fromarray(low).resize((w, h), Image.BILINEAR), np.float32)
-  img = np.clip(base + .35 * clutter * (low - 128), 0, 255)
-  shapes = Image.fromarray(img.astype(np.uint8))
-  draw = ImageDraw.Draw(shapes)
-  for _ in range(rng.integers(2, 6)):
-    draw.line([tuple(p) for p in rng.uniform(0, (w, h), (rng.integers(2, 4), 2))],
-              fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=int(rng.integers(1, 4)))
-  for _ in range(rng.integers(1, 5)):
-    n = rng.integers(5, 10)
-    ang = np.sort(rng.uniform(0, 2 * np.pi, n))
-    rad = rng.uniform(.3, 1, n) * rng.uniform(.1, .3) * min(h, w)
-    c = rng.uniform(0, (w, h))
-    draw.polygon([tuple(p) for p in c + rad[:, None] * np.stack([np.cos(ang), np.sin(ang)], 1)],
-                 fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-  return (1 - .35 * clutter) * img + .35 * clutter * np.asarray(shapes, np.float32)
 
 
 def _boundary(inst):
@@ -230,6 +120,16 @@ def _resolve_occlusion(masks):
     keep = ok
 
 
+def _background(rng, h, w, style):
+  """The image before its objects: style.background, or the style's own default ('': what it always drew)."""
+  kind = style.background or ('grey' if style.plain else 'clutter')
+  if kind == 'clutter':
+    return shapes_lib.clutter_background(rng, h, w, style.clutter)
+  if not style.background:
+    return rng.normal(128, 20, (h, w, 3))   # the plain set's default, a fixed level
+  return shapes_lib.grey_background(rng, h, w) if kind == 'grey' else shapes_lib.smooth_background(rng, h, w)
+
+
 def render(seed, index, primary, image_size, style=Style()):
   """Image `index` of the set: (RGB uint8 HxWx3, mask uint8 HxW, objects [(class, bbox, truncated, difficult)]).
 
@@ -239,17 +139,20 @@ def render(seed, index, primary, image_size, style=Style()):
   """
   rng = np.random.default_rng([seed, index])
   h, w = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, 2))
-  img = rng.normal(128, 20, (h, w, 3)) if style.plain else _background(rng, h, w, style.clutter)
+  img = _background(rng, h, w, style)
   if primary == 0:
     return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8), np.zeros((h, w), np.uint8), []
   n_p = PLAIN_OBJECTS_P if style.plain else NUM_OBJECTS_P
-  while True:
+  for _ in range(MAX_DRAWS):
     n = rng.choice(len(n_p), p=n_p) + 1
     drawn = [int(style.classes[k]) for k in rng.integers(0, len(style.classes), n - 1)] + [primary]
     objs = [_sample_object(rng, c, h, w, style) for c in drawn]
     inst, band, keep = _resolve_occlusion([m for m, _ in objs])
     if keep and keep[-1] == n - 1:
       break
+  else:
+    raise errors.DataError(f'demo data: {voc.CLASSES[primary]} never shows {MIN_VISIBLE_PX} visible pixels in image '
+                           f'{index} ({MAX_DRAWS} draws): use a larger object_scale or image_size')
   lut = np.zeros(n + 1, np.uint8)
   objects = []
   for i in keep:
@@ -335,11 +238,22 @@ def _check_args(num_train, num_val, num_aug, image_size, style):
   if not c or len(set(c)) != len(c) or not set(c) <= set(ALL_CLASSES):
     raise errors.DataError(f'demo data: classes must be distinct class indices in 1..{voc.NUM_FG}, got {c!r}')
   if not 0 < style.object_scale[0] <= style.object_scale[1] <= 1:
-    raise errors.DataError(f'demo data: object_scale must be (min, max) with 0 < min <= max <= 1, got {style.object_scale!r}')
+    raise errors.DataError('demo data: object_scale must be (min, max) with 0 < min <= max <= 1, got '
+                           f'{style.object_scale!r}')
   if not 0 <= style.clutter <= 1:
     raise errors.DataError(f'demo data: clutter must be in [0, 1], got {style.clutter!r}')
   if not 0 <= style.empty_p < 1:
     raise errors.DataError(f'demo data: empty_p must be in [0, 1), got {style.empty_p!r}')
+  for key, v, ok, what in (
+      ('palette', style.palette, lambda p: len(p) == 3 and all(0 <= x <= 255 for x in p), 'RGB triples in 0..255'),
+      ('shapes', style.shapes, lambda k: 0 <= k < len(SHAPES), f'SHAPES indices in 0..{len(SHAPES) - 1}')):
+    if v and not style.plain:
+      raise errors.DataError(f'demo data: {key} is for the plain set only (plain=True)')
+    if v and (len(v) != len(c) or not all(ok(x) for x in v)):
+      raise errors.DataError(f'demo data: {key} must hold {len(c)} {what}, one per class, got {v!r}')
+  if style.background not in ('',) + shapes_lib.BACKGROUNDS:
+    raise errors.DataError(f'demo data: background must be one of {shapes_lib.BACKGROUNDS} or \'\', got '
+                           f'{style.background!r}')
 
 
 def _check_root(root, ids):
@@ -351,14 +265,19 @@ def _check_root(root, ids):
 
 
 def generate(root, num_train=160, num_val=40, num_aug=40, image_size=(96, 128), seed=0, workers=0,
-             classes=ALL_CLASSES, object_scale=(0.15, 0.5), clutter=1.0, plain=False, empty_p=0.0):
+             classes=ALL_CLASSES, object_scale=(0.15, 0.5), clutter=1.0, plain=False, empty_p=0.0, palette=(),
+             shapes=(), background=''):
   """Write the demo set under `root` (VOC2012 layout) and return a summary (counts, per-split class histograms).
 
   Class histogram = number of images containing each class (from the masks, equal to the XML names).
   """
   image_size = tuple(int(v) for v in image_size)
-  style = Style(tuple(int(c) for c in classes), tuple(float(v) for v in object_scale), float(clutter), bool(plain),
-                float(empty_p))
+  try:
+    style = Style(tuple(int(c) for c in classes), tuple(float(v) for v in object_scale), float(clutter), bool(plain),
+                  float(empty_p), tuple(tuple(int(x) for x in p) for p in palette), tuple(int(k) for k in shapes),
+                  str(background))
+  except (TypeError, ValueError) as e:
+    raise errors.DataError(f'demo data: malformed style field ({e})') from e
   _check_args(num_train, num_val, num_aug, image_size, style)
   items = plan(seed, num_train, num_val, num_aug, style.classes, style.empty_p)
   _check_root(root, [it[1] for it in items])

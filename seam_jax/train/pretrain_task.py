@@ -1,13 +1,13 @@
 """Backbone pretraining for the demo (configs/demo_pretrain.py): the part ImageNet plays in the real recipe.
 
 The original starts SEAM and AffinityNet from an ImageNet ResNet38 and keeps every BatchNorm frozen. No ImageNet
-weights exist here, and a randomly initialised backbone under frozen BN hardly tells some hues apart (its conv6
-features of two of the demo's four colours lie ~10x closer to the background's than the other two), so from scratch
-the CAMs of those classes stay dead. This stage trains the same ResNet38 (the 'deeplab' network: backbone + a head
-whose global-average-pooled logits classify) with BatchNorm on batch statistics, on the fully-labelled synthetic
-hue-classification set of seam_jax.data.pretrain_data, then exports it. The demo's SEAM, AffinityNet and
-segmentation stages load its backbone through model.init_weights (seam_jax.layout.init_weights), exactly as the
-ImageNet weights, and keep its BatchNorm statistics frozen.
+weights exist here, and a randomly initialised backbone under frozen BN hardly tells some colours apart, so from
+scratch the CAMs of some classes stay dead. This stage trains the same ResNet38 (the 'deeplab' network: backbone + a
+stride-8 head) with BatchNorm on batch statistics, on the densely labelled synthetic set of
+seam_jax.data.pretrain_data (local colour, objectness, shape family and texture family of every cell: general
+features, nothing of the demo's data), then exports it. The demo's SEAM, AffinityNet and segmentation stages load
+its backbone through model.init_weights (seam_jax.layout.init_weights), exactly as the ImageNet weights, and keep
+its BatchNorm statistics frozen.
 
 Every layer is trained (conv1a and b2* too: `frozen_layers` ()); the running statistics follow the batch statistics
 of the whole global batch with `bn_momentum` (Flax convention; the downstream stages freeze them, so they must be
@@ -23,23 +23,40 @@ from seam_jax.data import input_pipeline, pretrain_data
 from seam_jax.train import trainer
 
 TASK = 'pretrain'   # <workdir>/pretrain/{ckpt, export, metrics.jsonl}
+# The head's channel groups, in order: (name, channels); pretrain_data.NUM_OUTPUTS in all.
+GROUPS = (('colour', len(pretrain_data.COLOUR_PROTOTYPES)), ('object', 2),
+          ('shape', len(pretrain_data.SHAPE_FAMILIES)), ('texture', len(pretrain_data.TEXTURES)))
 
 
-def make_loss_fn(num_classes, bn_momentum, dropout=False):
-  """loss_fn(model, variables, batch, rng, step) -> (loss, (metrics, new batch_stats)):
-    logits = mean_hw DeepLab(image) (stride-8 logits, BN on the batch's statistics), first num_classes channels,
-    loss = mean_n -log softmax(logits_n)[label_n]
-  metrics: accuracy of the argmax."""
+def masked_ce(logits, labels):
+  """(mean over cells with label >= 0 of -log softmax(logits)[label], accuracy there); 0 where none."""
+  valid = labels >= 0
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+  n = jnp.maximum(jnp.sum(valid), 1)
+  return jnp.sum(jnp.where(valid, ce, 0.)) / n, jnp.sum(valid & (jnp.argmax(logits, -1) == labels)) / n
+
+
+def make_loss_fn(bn_momentum, dropout=False):
+  """loss_fn(model, variables, batch, rng, step) -> (loss, (metrics, new batch_stats)): per stride-8 cell, with
+  the DeepLab logits split into GROUPS (BN on the batch's statistics),
+    loss = CE(softmax(colour logits), soft colour target) + CE_object + CE_shape + CE_texture
+  each term a mean over the cells it labels (pretrain_data.cell_targets; -1 = unlabelled). metrics: each term and
+  the accuracy of the argmax for the hard-labelled groups."""
   def loss_fn(model, variables, batch, rng, step):
     del step
     net = model.clone(bn_mode='sync', bn_momentum=bn_momentum)
     out, updates = net.apply(variables, batch['image'], train=True, upsample=False, dropout=dropout,
                              rngs={'dropout': rng}, mutable=['batch_stats'])
-    logits = jnp.mean(out, axis=(1, 2))[:, :num_classes]
-    labels = batch['label'].astype(jnp.int32)
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, ({'acc': acc}, updates['batch_stats'])
+    splits, start = {}, 0
+    for name, n in GROUPS:
+      splits[name], start = out[..., start:start + n], start + n
+    colour = jnp.mean(optax.softmax_cross_entropy(splits['colour'], batch['colour']))
+    metrics, loss = {'colour': colour}, colour
+    for name in ('object', 'shape', 'texture'):
+      ce, acc = masked_ce(splits[name], batch[name].astype(jnp.int32))
+      metrics.update({name: ce, f'{name}_acc': acc})
+      loss = loss + ce
+    return loss, (metrics, updates['batch_stats'])
   return loss_fn
 
 
@@ -49,13 +66,12 @@ def _as_is(record, rng):
 
 
 def pretrain_source(hparams, seed):
-  return pretrain_data.PretrainSource(int(hparams.num_images), int(hparams.image_size), int(hparams.num_classes),
-                                      int(seed), tuple(float(v) for v in hparams.object_scale),
-                                      bool(hparams.grey_class), bool(hparams.centred_bins))
+  return pretrain_data.PretrainSource(int(hparams.num_images), int(hparams.image_size), int(seed))
 
 
 def pretrain_loader(hparams, seed):
-  """(loader of {'image', 'label'} batches of the pretraining set drawn from `seed`, number of images)."""
+  """(loader of {'image', 'colour', 'object', 'shape', 'texture'} batches of the pretraining set drawn from
+  `seed`, number of images)."""
   source = pretrain_source(hparams, seed)
   loader = input_pipeline.make_loader(source, _as_is, global_batch_size=hparams.batch_size, seed=seed)
   return loader, len(source)
@@ -74,8 +90,8 @@ def pretrain_task(config):
   p = config.pretrain
   return trainer.Task(
       name=TASK, model_kind='deeplab', hparams=p, make_loader=functools.partial(pretrain_loader, p),
-      loss_fn=make_loss_fn(pretrain_source(p, config.seed).num_labels, float(p.bn_momentum), bool(p.dropout)),
-      init_input_shape=(64, 64), updates_batch_stats=True)
+      loss_fn=make_loss_fn(float(p.bn_momentum), bool(p.dropout)), init_input_shape=(64, 64),
+      updates_batch_stats=True, num_outputs=pretrain_data.NUM_OUTPUTS)
 
 
 def run(config):
