@@ -40,8 +40,8 @@ flags.DEFINE_integer('num_val', 40, 'val ids (the evaluated list) of each data s
 flags.DEFINE_integer('num_aug', 40, 'aug-only ids of each data set')
 flags.DEFINE_list('image_size', ['96', '128'], 'min,max image side of each data set')
 flags.DEFINE_integer('tail', 15, 'lines of a failed run\'s log to show')
-FLAGS = flags.FLAGS   # and --out, defined by seam_jax.compare_runs: the results folder ('' = DEFAULT_OUT)
-DEFAULT_OUT = os.path.join('benchmarks', 'results', 'robustness')
+flags.DEFINE_string('out', os.path.join('benchmarks', 'results', 'robustness'), 'results folder')
+FLAGS = flags.FLAGS
 
 EVALS = (('seam', 'cam'), ('seam', 'crf'), ('seam', 'rw'), ('seam', 'seg'), ('baseline', 'cam'), ('baseline', 'rw'))
 MIN_CLASS_IOU = 50.
@@ -253,7 +253,7 @@ def main(argv):
   doc = dict(aggregate(draws, results), command='python -m benchmarks.robustness ' + shlex.join(sys.argv[1:]),
              config=FLAGS.config, overrides=FLAGS.override, base_seed=FLAGS.base_seed,
              data_sizes={k: FLAGS[k].value for k in ('num_train', 'num_val', 'num_aug', 'image_size')})
-  md, out = markdown(doc), FLAGS.out or DEFAULT_OUT
+  md, out = markdown(doc), FLAGS.out
   files.atomic_write_text(os.path.join(out, 'robustness.json'), json.dumps(doc, indent=1))
   files.atomic_write_text(os.path.join(out, 'robustness.md'), md)
   print(md)

@@ -18,8 +18,7 @@ from absl import app, flags
 from seam_jax.common import errors, files
 from seam_jax.report import RUN_TITLES, eval_title
 
-flags.DEFINE_string('out', '', 'write the Markdown here (default: print it)')
-FLAGS = flags.FLAGS
+FLAGS = flags.FLAGS   # --out: defined when run as a command (importers define their own flags)
 
 
 def load_run(workdir):
@@ -114,4 +113,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('out', '', 'write the Markdown here (default: print it)')
   app.run(main)

@@ -89,14 +89,12 @@ assert NUM_OUTPUTS <= voc.NUM_CLASSES
 
 
 def background(rng, size, kind):
-  """float (size, size, 3) background of `kind` (shapes.BACKGROUNDS, drawn by seam_jax.data.shapes) plus pixel noise."""
+  """float (size, size, 3) background of `kind` (shapes.BACKGROUNDS, drawn by seam_jax.data.shapes)."""
   if kind == 'grey':
-    img = shapes.grey_background(rng, size, size)
-  elif kind == 'smooth':
-    img = shapes.smooth_background(rng, size, size)
-  else:
-    img = shapes.clutter_background(rng, size, size, rng.uniform(.3, 1.))
-  return img + rng.normal(0, rng.uniform(2, 10), img.shape)
+    return shapes.grey_background(rng, size, size)
+  if kind == 'smooth':
+    return shapes.smooth_background(rng, size, size)
+  return shapes.clutter_background(rng, size, size, rng.uniform(.3, 1.))
 
 
 def render(seed, index, size):
@@ -113,11 +111,14 @@ def render(seed, index, size):
     mask = SHAPE_FAMILIES[shape][1](rng, x / radius, y / radius)
     hue, sat, val = rng.random(), rng.random(), rng.uniform(.1, 1.)
     first = shapes.hsv_to_rgb(hue, sat, val)
-    second = shapes.hsv_to_rgb(hue, sat * rng.uniform(0, 1), val * rng.uniform(.3, 1.))
+    # the texture's second colour: darker, or paler and brighter, always visibly apart
+    second = (shapes.hsv_to_rgb(hue, sat, val * rng.uniform(.2, .6)) if rng.random() < .5 else
+              shapes.hsv_to_rgb(hue, sat * rng.uniform(0, .4), min(1., val + rng.uniform(.3, .6))))
     t = TEXTURES[texture][1](rng, x, y).astype(np.float32)[..., None]
     img[mask] = (first * (1 - t) + second * t)[mask]
     ids[mask] = k
     objects.append((int(shape), int(texture)))
+  img += rng.normal(0, rng.uniform(2, 10), img.shape)   # pixel noise on objects too: its absence is no cue
   return np.clip(img, 0, 255).astype(np.uint8), ids, objects
 
 
