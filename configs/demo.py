@@ -2,9 +2,9 @@
 
 Same code and fields as configs/voc12.py; only sizes shrink (narrow network, small crops, few steps). What makes
 every class localise (issue 15, each measured): class hues spread evenly over the colour wheel (demo_data.plain_colour);
-a backbone pretrained on colours that fill the image plus a grey class, with hue bins centred on the demo's hues
-(configs/demo_pretrain.py: local colour features, not "a hue somewhere in the image"); and 15% of the train images
-with no object (demo.empty_p), without which one class's CAM learns "none of the other three" from the background.
+a backbone pretrained on a synthetic set of random colours and textures that fill the image, and of backgrounds
+(configs/demo_pretrain.py: local features, nothing of the demo's palette); and 15% of the train images with no object
+(demo.empty_p), without which one class's CAM learns "none of the other three" from the background.
 """
 import ml_collections
 
@@ -42,10 +42,10 @@ def get_config(variant=''):
   c.model.width_div = 8
   c.model.fast_compile = True       # the demo's many small shapes: compile time dominates (CPU only)
   c.model.calibrate_bn = True       # used only without pretraining: frozen BN needs data statistics to train at all
-  # No ImageNet weights here: the `pretrain` stage trains the backbone on a synthetic classification set first
+  # No ImageNet weights here: the `pretrain` stage trains the backbone on a synthetic labelled set first
   # (configs/demo_pretrain.py); every trained network starts from it (seam_jax.layout.init_weights).
   c.pretrain = demo_pretrain.get_config()
-  c.pretrain.update(image_size=48, max_steps=200, fast_compile=True)
+  c.pretrain.update(image_size=32, max_steps=150, fast_compile=True)
 
   c.train.batch_size = 8
   c.train.max_steps = 200

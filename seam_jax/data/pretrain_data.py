@@ -1,21 +1,20 @@
-"""A densely labelled synthetic set to pretrain the demo's backbone: the role ImageNet plays for the real recipe
+"""A labelled synthetic set to pretrain the demo's backbone: the role ImageNet plays for the real recipe
 (configs/demo_pretrain.py, seam_jax.train.pretrain_task).
 
-What ImageNet gives a backbone is general features: colour (hue, brightness, saturation), shape and texture, and
-what an object is against clutter. Each image here holds 0-3 objects, each of a random generic shape family
-(SHAPE_FAMILIES: ellipses, convex polygons, stars, rings, bars), random colour (hue, saturation and value all
-uniform), random texture family (TEXTURES: flat, stripes, checks, speckle), size, rotation and place, over a random
-background (seam_jax.data.shapes.BACKGROUNDS: grey pixel noise, smooth colour noise, low-contrast clutter). Every
-stride-8 cell of an image is labelled (cell_targets), so the features learnt are local, whatever the image-level
-content:
-  colour   a soft target over COLOUR_PROTOTYPES (the 8 corners of the RGB cube and mid-grey), softmax of
-           -|mean RGB of the cell - prototype|^2 / COLOUR_TEMPERATURE: two colours of one hue and different
-           brightness, or of one hue and different saturation, get different targets;
-  object   whether the cell lies on an object (> 3/4 of it) or on the background (< 1/4), else ignored;
-  shape    the shape family of the object over most of the cell, ignored off objects;
-  texture  its texture family, ignored off objects.
-Nothing of any data set downstream is used (no image, class list or palette): the images are drawn from
-(seed, index) alone, on access, and never written to disk.
+What ImageNet gives a backbone is general features: colour (hue, brightness, saturation), texture, shape, and what
+an object is against its background. Image k of the set is either a background alone (BACKGROUND_P of them: grey
+pixel noise, smooth colour noise or low-contrast clutter, seam_jax.data.shapes.BACKGROUNDS) or one object that
+fills most of it (object_scale (1.5, 2): the label is what lies under nearly every pixel, so the features learnt
+are local, not "a colour somewhere in the image", which lit up the background of the demo's CAMs) over such a
+background: a random generic shape (SHAPE_FAMILIES), a random colour (hue, saturation and value uniform) and a
+random texture (TEXTURES). Its labels (targets):
+  colour   soft, over HUE_BINS x VALUE_BINS joint colour classes plus one background class: a Gaussian in hue
+           (circular) times one in value around the bin centres, so that no colour sits on a hard bin edge and two
+           colours of one hue and different brightness get different targets; a background image: the background
+           class alone;
+  texture  the object's texture family; none for a background.
+Nothing of any data set downstream is used (no image, class list or palette; the bins are even over hue and value):
+the images are drawn from (seed, index) alone, on access, and never written to disk.
 """
 import dataclasses
 
@@ -26,12 +25,15 @@ from seam_jax.data import shapes
 from seam_jax.data import voc
 
 STREAM = 1  # the generator key is (seed, index, STREAM): never the demo set's (seed, index)
-STRIDE = 8  # the network's output stride: one label per cell
-COLOUR_PROTOTYPES = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1],
-                              [1, 1, 1], [.5, .5, .5]], np.float32)
-COLOUR_TEMPERATURE = 0.15   # a soft target: one hue at values 0.6 and 0.9 differs (0.05: both ~one-hot red)
-OBJECTS_P = (0.1, 0.4, 0.3, 0.2)   # P(0, 1, 2, 3 objects)
-OBJECT_SCALE = (0.3, 0.9)          # object diameter / image side
+HUE_BINS = 9
+VALUE_BINS = (0.45, 0.9)          # value bin centres
+HUE_SIGMA = 0.5 / HUE_BINS        # of the soft target, in turns of the colour wheel
+VALUE_SIGMA = 0.15
+SATURATION = (0.3, 1.0)
+VALUE = (0.25, 1.0)
+BACKGROUND_P = 0.1                # images of the background class
+OBJECT_SCALE = (1.5, 2.0)         # object diameter / image side
+NUM_COLOURS = HUE_BINS * len(VALUE_BINS) + 1   # + the background class (the last)
 
 
 def _polygon_mask(x, y, angles, radii):
@@ -84,12 +86,12 @@ TEXTURES = (
     ('checks', _checks),
     ('speckle', lambda rng, x, y: rng.random(x.shape) < rng.uniform(.2, .6)),
 )
-NUM_OUTPUTS = len(COLOUR_PROTOTYPES) + 2 + len(SHAPE_FAMILIES) + len(TEXTURES)   # channel groups of the head
-assert NUM_OUTPUTS <= voc.NUM_CLASSES
+NUM_OUTPUTS = NUM_COLOURS + len(TEXTURES)   # the head's channels: colour classes, then texture families
 
 
-def background(rng, size, kind):
-  """float (size, size, 3) background of `kind` (shapes.BACKGROUNDS, drawn by seam_jax.data.shapes)."""
+def background(rng, size):
+  """float (size, size, 3): a background of a random kind (shapes.BACKGROUNDS)."""
+  kind = shapes.BACKGROUNDS[rng.integers(len(shapes.BACKGROUNDS))]
   if kind == 'grey':
     return shapes.grey_background(rng, size, size)
   if kind == 'smooth':
@@ -97,73 +99,63 @@ def background(rng, size, kind):
   return shapes.clutter_background(rng, size, size, rng.uniform(.3, 1.))
 
 
-def render(seed, index, size):
-  """Image `index`: (uint8 (size, size, 3) RGB, int32 (size, size) object id (-1 background), [(shape family,
-  texture family)] per object id)."""
+def render(seed, index, size, object_scale=OBJECT_SCALE):
+  """Image `index`: (uint8 (size, size, 3) RGB, bool (size, size) object mask, the object's (hue, saturation,
+  value) and texture family, or None for a background image)."""
   rng = np.random.default_rng([seed, index, STREAM])
-  img = background(rng, size, shapes.BACKGROUNDS[rng.integers(len(shapes.BACKGROUNDS))])
-  ids = np.full((size, size), -1, np.int32)
-  objects = []
-  for k in range(rng.choice(len(OBJECTS_P), p=OBJECTS_P)):
-    shape, texture = rng.integers(len(SHAPE_FAMILIES)), rng.integers(len(TEXTURES))
-    radius = rng.uniform(*OBJECT_SCALE) * size / 2
-    x, y = shapes.object_frame(size, size, *rng.uniform(.1, .9, 2) * size, rng.uniform(0, 2 * np.pi))
+  img = background(rng, size)
+  mask, obj = np.zeros((size, size), bool), None
+  if rng.random() >= BACKGROUND_P:
+    shape, texture = rng.integers(len(SHAPE_FAMILIES)), int(rng.integers(len(TEXTURES)))
+    radius = rng.uniform(*object_scale) * size / 2
+    x, y = shapes.object_frame(size, size, *rng.uniform(.25, .75, 2) * size, rng.uniform(0, 2 * np.pi))
     mask = SHAPE_FAMILIES[shape][1](rng, x / radius, y / radius)
-    hue, sat, val = rng.random(), rng.random(), rng.uniform(.1, 1.)
-    first = shapes.hsv_to_rgb(hue, sat, val)
+    hsv = (rng.random(), rng.uniform(*SATURATION), rng.uniform(*VALUE))
+    first = shapes.hsv_to_rgb(*hsv)
     # the texture's second colour: darker, or paler and brighter, always visibly apart
-    second = (shapes.hsv_to_rgb(hue, sat, val * rng.uniform(.2, .6)) if rng.random() < .5 else
-              shapes.hsv_to_rgb(hue, sat * rng.uniform(0, .4), min(1., val + rng.uniform(.3, .6))))
+    second = (shapes.hsv_to_rgb(hsv[0], hsv[1], hsv[2] * rng.uniform(.2, .6)) if rng.random() < .5 else
+              shapes.hsv_to_rgb(hsv[0], hsv[1] * rng.uniform(0, .4), min(1., hsv[2] + rng.uniform(.3, .6))))
     t = TEXTURES[texture][1](rng, x, y).astype(np.float32)[..., None]
     img[mask] = (first * (1 - t) + second * t)[mask]
-    ids[mask] = k
-    objects.append((int(shape), int(texture)))
-  img += rng.normal(0, rng.uniform(2, 10), img.shape)   # pixel noise on objects too: its absence is no cue
-  return np.clip(img, 0, 255).astype(np.uint8), ids, objects
+    obj = (tuple(float(v) for v in hsv), texture)
+  img += rng.normal(0, rng.uniform(2, 10), img.shape)   # pixel noise on the object too: its absence is no cue
+  return np.clip(img, 0, 255).astype(np.uint8), mask, obj
 
 
-def colour_target(rgb):
-  """Soft colour target(s) over COLOUR_PROTOTYPES of RGB value(s) in [0, 255] (..., 3) -> (..., 9)."""
-  d2 = np.sum(np.square(np.asarray(rgb, np.float32)[..., None, :] / 255. - COLOUR_PROTOTYPES), -1)
-  e = np.exp(-(d2 - d2.min(-1, keepdims=True)) / COLOUR_TEMPERATURE)
-  return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+def colour_target(hue, value):
+  """float32 (NUM_COLOURS,): the soft colour class of (hue, value), exp(-d_hue^2 / 2 HUE_SIGMA^2 - d_value^2 /
+  2 VALUE_SIGMA^2) over the bin centres (k / HUE_BINS, VALUE_BINS), normalised; the background class 0."""
+  d = np.abs(np.arange(HUE_BINS) / HUE_BINS - hue % 1.)
+  d = np.minimum(d, 1 - d)
+  w = np.exp(-.5 * (d[:, None] / HUE_SIGMA) ** 2 - .5 * ((np.array(VALUE_BINS) - value) / VALUE_SIGMA) ** 2)
+  return np.append(w.ravel() / w.sum(), 0.).astype(np.float32)
 
 
-def cell_targets(img, ids, objects):
-  """Per stride-8 cell: {'colour': float32 (h, w, 9), 'object', 'shape', 'texture': int32 (h, w), -1 ignored}."""
-  size = img.shape[0]
-  h = size // STRIDE
-  cells = lambda a: a.reshape(h, STRIDE, h, STRIDE, *a.shape[2:]).swapaxes(1, 2).reshape(h, h, STRIDE ** 2,
-                                                                                         *a.shape[2:])
-  colour = colour_target(cells(img.astype(np.float32)).mean(2))
-  cell_ids = cells(ids)
-  on = (cell_ids >= 0).mean(-1)
-  obj = np.where(on > .75, 1, np.where(on < .25, 0, -1)).astype(np.int32)
-  counts = np.stack([(cell_ids == k).sum(-1) for k in range(len(objects))], -1) if objects else None
-  shape, texture = np.full((h, h), -1, np.int32), np.full((h, h), -1, np.int32)
-  if objects:
-    major = counts.argmax(-1)
-    keep = counts.max(-1) > STRIDE ** 2 / 2
-    table = np.array(objects, np.int32)
-    shape[keep], texture[keep] = table[major[keep], 0], table[major[keep], 1]
-  return {'colour': colour, 'object': obj, 'shape': shape, 'texture': texture}
+def background_target():
+  return np.eye(NUM_COLOURS, dtype=np.float32)[-1]
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainSource:
-  """grain random-access source: record k = {'image': float32 normalised (size, size, 3)} and its cell_targets."""
+  """grain random-access source: record k = {'image': float32 normalised (size, size, 3), 'colour': float32
+  (NUM_COLOURS,) soft target, 'texture': int32, -1 for a background image}."""
   num_images: int
   size: int
   seed: int
+  object_scale: tuple = OBJECT_SCALE
 
   def __post_init__(self):
-    if self.size < 32 or self.size % STRIDE or self.num_images < 1:
-      raise DataError(f'pretrain: image_size must be a multiple of {STRIDE}, >= 32, and num_images >= 1, got '
-                      f'{self.size}, {self.num_images}')
+    if self.size < 32 or self.num_images < 1:
+      raise DataError(f'pretrain: image_size must be >= 32 and num_images >= 1, got {self.size}, {self.num_images}')
+    if len(self.object_scale) != 2 or not 0 < self.object_scale[0] <= self.object_scale[1]:
+      raise DataError(f'pretrain.object_scale must be (min, max) with 0 < min <= max, got {self.object_scale}')
 
   def __len__(self):
     return self.num_images
 
   def __getitem__(self, index):
-    img, ids, objects = render(self.seed, int(index), self.size)
-    return {'image': voc.normalize(img), **cell_targets(img, ids, objects)}
+    img, _, obj = render(self.seed, int(index), self.size, self.object_scale)
+    if obj is None:
+      return {'image': voc.normalize(img), 'colour': background_target(), 'texture': np.int32(-1)}
+    (hue, _, value), texture = obj
+    return {'image': voc.normalize(img), 'colour': colour_target(hue, value), 'texture': np.int32(texture)}

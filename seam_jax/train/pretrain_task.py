@@ -3,9 +3,9 @@
 The original starts SEAM and AffinityNet from an ImageNet ResNet38 and keeps every BatchNorm frozen. No ImageNet
 weights exist here, and a randomly initialised backbone under frozen BN hardly tells some colours apart, so from
 scratch the CAMs of some classes stay dead. This stage trains the same ResNet38 (the 'deeplab' network: backbone + a
-stride-8 head) with BatchNorm on batch statistics, on the densely labelled synthetic set of
-seam_jax.data.pretrain_data (local colour, objectness, shape family and texture family of every cell: general
-features, nothing of the demo's data), then exports it. The demo's SEAM, AffinityNet and segmentation stages load
+stride-8 head) with BatchNorm on batch statistics, on the labelled synthetic set of seam_jax.data.pretrain_data
+(soft colour classes over hue and brightness, a background class, texture families: general features, nothing of
+the demo's data), then exports it. The demo's SEAM, AffinityNet and segmentation stages load
 its backbone through model.init_weights (seam_jax.layout.init_weights), exactly as the ImageNet weights, and keep
 its BatchNorm statistics frozen.
 
@@ -23,40 +23,31 @@ from seam_jax.data import input_pipeline, pretrain_data
 from seam_jax.train import trainer
 
 TASK = 'pretrain'   # <workdir>/pretrain/{ckpt, export, metrics.jsonl}
-# The head's channel groups, in order: (name, channels); pretrain_data.NUM_OUTPUTS in all.
-GROUPS = (('colour', len(pretrain_data.COLOUR_PROTOTYPES)), ('object', 2),
-          ('shape', len(pretrain_data.SHAPE_FAMILIES)), ('texture', len(pretrain_data.TEXTURES)))
-
-
-def masked_ce(logits, labels):
-  """(mean over cells with label >= 0 of -log softmax(logits)[label], accuracy there); 0 where none."""
-  valid = labels >= 0
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
-  n = jnp.maximum(jnp.sum(valid), 1)
-  return jnp.sum(jnp.where(valid, ce, 0.)) / n, jnp.sum(valid & (jnp.argmax(logits, -1) == labels)) / n
 
 
 def make_loss_fn(bn_momentum, dropout=False):
-  """loss_fn(model, variables, batch, rng, step) -> (loss, (metrics, new batch_stats)): per stride-8 cell, with
-  the DeepLab logits split into GROUPS (BN on the batch's statistics),
-    loss = CE(softmax(colour logits), soft colour target) + CE_object + CE_shape + CE_texture
-  each term a mean over the cells it labels (pretrain_data.cell_targets; -1 = unlabelled). metrics: each term and
-  the accuracy of the argmax for the hard-labelled groups."""
+  """loss_fn(model, variables, batch, rng, step) -> (loss, (metrics, new batch_stats)): with the image logits
+  z = mean_hw DeepLab(image) (stride-8 logits, BN on the batch's statistics), split into colour and texture
+  channels (pretrain_data.NUM_OUTPUTS),
+    loss = mean_n CE(softmax(z_colour), soft colour target) + mean_{n: texture >= 0} -log softmax(z_texture)[texture]
+  metrics: each term, and the accuracy of the argmax for the colour class (against the target's) and texture."""
   def loss_fn(model, variables, batch, rng, step):
     del step
     net = model.clone(bn_mode='sync', bn_momentum=bn_momentum)
     out, updates = net.apply(variables, batch['image'], train=True, upsample=False, dropout=dropout,
                              rngs={'dropout': rng}, mutable=['batch_stats'])
-    splits, start = {}, 0
-    for name, n in GROUPS:
-      splits[name], start = out[..., start:start + n], start + n
-    colour = jnp.mean(optax.softmax_cross_entropy(splits['colour'], batch['colour']))
-    metrics, loss = {'colour': colour}, colour
-    for name in ('object', 'shape', 'texture'):
-      ce, acc = masked_ce(splits[name], batch[name].astype(jnp.int32))
-      metrics.update({name: ce, f'{name}_acc': acc})
-      loss = loss + ce
-    return loss, (metrics, updates['batch_stats'])
+    logits = jnp.mean(out, axis=(1, 2))
+    colour_logits, texture_logits = logits[:, :pretrain_data.NUM_COLOURS], logits[:, pretrain_data.NUM_COLOURS:]
+    colour = jnp.mean(optax.softmax_cross_entropy(colour_logits, batch['colour']))
+    texture = batch['texture'].astype(jnp.int32)
+    valid = texture >= 0
+    ce = optax.softmax_cross_entropy_with_integer_labels(texture_logits, jnp.maximum(texture, 0))
+    n = jnp.maximum(jnp.sum(valid), 1)
+    texture_loss = jnp.sum(jnp.where(valid, ce, 0.)) / n
+    metrics = {'colour': colour, 'texture': texture_loss,
+               'colour_acc': jnp.mean(jnp.argmax(colour_logits, -1) == jnp.argmax(batch['colour'], -1)),
+               'texture_acc': jnp.sum(valid & (jnp.argmax(texture_logits, -1) == texture)) / n}
+    return colour + texture_loss, (metrics, updates['batch_stats'])
   return loss_fn
 
 
@@ -66,12 +57,13 @@ def _as_is(record, rng):
 
 
 def pretrain_source(hparams, seed):
-  return pretrain_data.PretrainSource(int(hparams.num_images), int(hparams.image_size), int(seed))
+  return pretrain_data.PretrainSource(int(hparams.num_images), int(hparams.image_size), int(seed),
+                                      tuple(float(v) for v in hparams.object_scale))
 
 
 def pretrain_loader(hparams, seed):
-  """(loader of {'image', 'colour', 'object', 'shape', 'texture'} batches of the pretraining set drawn from
-  `seed`, number of images)."""
+  """(loader of {'image', 'colour', 'texture'} batches of the pretraining set drawn from `seed`, number of
+  images)."""
   source = pretrain_source(hparams, seed)
   loader = input_pipeline.make_loader(source, _as_is, global_batch_size=hparams.batch_size, seed=seed)
   return loader, len(source)
