@@ -45,7 +45,7 @@ def get_config(variant=''):
   # No ImageNet weights here: the `pretrain` stage trains the backbone on a synthetic labelled set first
   # (configs/demo_pretrain.py); every trained network starts from it (seam_jax.layout.init_weights).
   c.pretrain = demo_pretrain.get_config()
-  c.pretrain.update(image_size=32, max_steps=150, fast_compile=True)
+  c.pretrain.update(image_size=32, max_steps=250, fast_compile=True)
 
   c.train.batch_size = 8
   c.train.max_steps = 200

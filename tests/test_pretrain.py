@@ -8,51 +8,56 @@ import pytest
 from configs import demo
 from seam_jax import layout, stages
 from seam_jax.common import errors
-from seam_jax.data import demo_data, pretrain_data, voc
+from seam_jax.data import pretrain_data, voc
 from seam_jax.train import pretrain_task, seam_task, trainer
 
 
-def test_set_is_a_function_of_seed_and_index_and_every_cell_is_labelled():
-  a, b = pretrain_data.PretrainSource(40, 48, 0), pretrain_data.PretrainSource(40, 48, 1)
-  shapes, textures, counts = set(), set(), []
-  for k in range(40):
-    img, ids, objects = pretrain_data.render(0, k, 48)
-    again = pretrain_data.render(0, k, 48)
-    assert np.array_equal(img, again[0]) and np.array_equal(ids, again[1]) and objects == again[2]
-    assert not np.array_equal(img, pretrain_data.render(1, k, 48)[0])
+def test_set_is_a_function_of_seed_and_index_and_its_labels_follow_the_object():
+  a, b = pretrain_data.PretrainSource(60, 32, 0), pretrain_data.PretrainSource(60, 32, 1)
+  textures, backgrounds, cover = set(), 0, []
+  for k in range(60):
+    img, mask, obj = pretrain_data.render(0, k, 32)
+    again = pretrain_data.render(0, k, 32)
+    assert np.array_equal(img, again[0]) and np.array_equal(mask, again[1]) and obj == again[2]
+    assert not np.array_equal(img, pretrain_data.render(1, k, 32)[0])
     rec = a[k]
     np.testing.assert_array_equal(rec['image'], voc.normalize(img))
-    assert rec['colour'].shape == (6, 6, len(pretrain_data.COLOUR_PROTOTYPES))
-    np.testing.assert_allclose(rec['colour'].sum(-1), 1., rtol=1e-5)
-    cover = (ids >= 0).reshape(6, 8, 6, 8).mean((1, 3))
-    # objectness: on where an object covers > 3/4 of the cell, off below 1/4, else unlabelled
-    np.testing.assert_array_equal(rec['object'], np.where(cover > .75, 1, np.where(cover < .25, 0, -1)))
-    on = rec['shape'] >= 0
-    assert np.array_equal(on, rec['texture'] >= 0) and (cover[on] > .5).all()
-    assert set(zip(rec['shape'][on], rec['texture'][on])) <= set(objects)
-    shapes |= {s for s, _ in objects}
-    textures |= {t for _, t in objects}
-    counts.append(len(objects))
-  assert shapes == set(range(len(pretrain_data.SHAPE_FAMILIES)))
-  assert textures == set(range(len(pretrain_data.TEXTURES))) and set(counts) == {0, 1, 2, 3}
-  assert any(not np.array_equal(a[k]['object'], b[k]['object']) for k in range(40))
+    assert rec['colour'].shape == (pretrain_data.NUM_COLOURS,) and abs(rec['colour'].sum() - 1) < 1e-5
+    if obj is None:   # a background alone: the background class, no texture
+      backgrounds += 1
+      assert not mask.any() and rec['colour'][-1] == 1 and rec['texture'] == -1
+      continue
+    (hue, sat, value), texture = obj
+    assert rec['colour'][-1] == 0 and rec['texture'] == texture
+    np.testing.assert_array_equal(rec['colour'], pretrain_data.colour_target(hue, value))
+    textures.add(texture)
+    cover.append(mask.mean())
+  assert textures == set(range(len(pretrain_data.TEXTURES))) and 1 <= backgrounds <= 15   # binomial(60, 0.1)
+  assert np.median(cover) > .5                    # the object fills most of the image (object_scale 1.5-2)
+  assert any(not np.array_equal(a[k]['colour'], b[k]['colour']) for k in range(60))
 
 
-def test_colour_targets_tell_brightness_and_saturation_apart():
-  """Soft targets over the prototypes: one hue at two values, or at two saturations, gets two targets (total
-  variation distance > 0.2), and a colour at a prototype is mostly that prototype."""
-  tv = lambda p, q: .5 * np.abs(pretrain_data.colour_target(p) - pretrain_data.colour_target(q)).sum()
-  for hue in np.linspace(0, 1, 12, endpoint=False):
-    assert tv(demo_data.hsv_to_rgb(hue, .9, .5), demo_data.hsv_to_rgb(hue, .9, .95)) > .2
-    assert tv(demo_data.hsv_to_rgb(hue, .9, .9), demo_data.hsv_to_rgb(hue, .3, .9)) > .2
-  for k, proto in enumerate(pretrain_data.COLOUR_PROTOTYPES):
-    assert pretrain_data.colour_target(proto * 255).argmax() == k
+def test_colour_targets_are_smooth_and_tell_brightness_apart():
+  """Soft targets over hue x value bins: the mass sits at the nearest bins, a hue between two bin centres is shared
+  by both (no hard edge), one hue at values 0.45 and 0.9 gets two targets (total variation > 0.5), and a small hue
+  change moves the target a little."""
+  tv = lambda p, q: .5 * np.abs(p - q).sum()
+  n, values = pretrain_data.HUE_BINS, pretrain_data.VALUE_BINS
+  target = lambda h, v: pretrain_data.colour_target(h, v)[:-1].reshape(n, len(values))
+  for k in range(n):
+    t = target(k / n, values[1])
+    assert t.argmax() == k * len(values) + 1
+    edge = target((k + .5) / n, values[1]).sum(1)
+    assert abs(edge[k] - edge[(k + 1) % n]) < 1e-5 and edge[k] > .4
+    assert tv(pretrain_data.colour_target(k / n, .45), pretrain_data.colour_target(k / n, .9)) > .5
+    assert tv(pretrain_data.colour_target(k / n, .9), pretrain_data.colour_target(k / n + .01, .9)) < .2
 
 
-@pytest.mark.parametrize('kw, match', [(dict(size=16), 'image_size'), (dict(size=50), 'image_size'),
-                                       (dict(num_images=0), 'num_images')])
+@pytest.mark.parametrize('kw, match', [(dict(size=16), 'image_size'), (dict(num_images=0), 'num_images'),
+                                       (dict(object_scale=(0.5, 0.2)), 'object_scale'),
+                                       (dict(object_scale=(0., 1.)), 'object_scale')])
 def test_bad_set_parameters(kw, match):
-  args = dict(num_images=8, size=48, seed=0)
+  args = dict(num_images=8, size=32, seed=0)
   with pytest.raises(errors.DataError, match=match):
     pretrain_data.PretrainSource(**{**args, **kw})
 
@@ -72,8 +77,8 @@ def test_pretraining_learns_and_seam_starts_from_its_backbone(tmp_path):
   assert layout.init_weights(config) == layout.export_dir(config, 'pretrain')
   variables = pretrain_task.run(config)
   logs = [__import__('json').loads(l) for l in open(tmp_path / 'pretrain' / 'metrics.jsonl')]
-  # Chance for the colour term: the cross-entropy of a uniform guess over the prototypes.
-  chance = np.log(len(pretrain_data.COLOUR_PROTOTYPES))
+  # Chance for the colour term: the cross-entropy of a uniform guess over the colour classes.
+  chance = np.log(pretrain_data.NUM_COLOURS)
   print('pretrain colour loss per log step:', [round(l['colour'], 3) for l in logs], 'chance', round(chance, 3))
   assert logs[-1]['step'] == 60
   assert logs[-1]['colour'] < 0.8 * chance and logs[-1]['loss'] < logs[0]['loss']

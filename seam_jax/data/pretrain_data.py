@@ -6,8 +6,8 @@ an object is against its background. Image k of the set is either a background a
 pixel noise, smooth colour noise or low-contrast clutter, seam_jax.data.shapes.BACKGROUNDS) or one object that
 fills most of it (object_scale (1.5, 2): the label is what lies under nearly every pixel, so the features learnt
 are local, not "a colour somewhere in the image", which lit up the background of the demo's CAMs) over such a
-background: a random generic shape (SHAPE_FAMILIES), a random colour (hue, saturation and value uniform) and a
-random texture (TEXTURES). Its labels (targets):
+background: a random generic shape (SHAPE_FAMILIES), a random colour (hue, saturation and value uniform) and, for
+TEXTURE_P of them, a random texture (TEXTURES; the others flat). Its labels (targets):
   colour   soft, over HUE_BINS x VALUE_BINS joint colour classes plus one background class: a Gaussian in hue
            (circular) times one in value around the bin centres, so that no colour sits on a hard bin edge and two
            colours of one hue and different brightness get different targets; a background image: the background
@@ -32,6 +32,7 @@ VALUE_SIGMA = 0.15
 SATURATION = (0.3, 1.0)
 VALUE = (0.25, 1.0)
 BACKGROUND_P = 0.1                # images of the background class
+TEXTURE_P = 0.25                  # objects with a texture (the others flat): two colours blur the colour label
 OBJECT_SCALE = (1.5, 2.0)         # object diameter / image side
 NUM_COLOURS = HUE_BINS * len(VALUE_BINS) + 1   # + the background class (the last)
 
@@ -106,7 +107,8 @@ def render(seed, index, size, object_scale=OBJECT_SCALE):
   img = background(rng, size)
   mask, obj = np.zeros((size, size), bool), None
   if rng.random() >= BACKGROUND_P:
-    shape, texture = rng.integers(len(SHAPE_FAMILIES)), int(rng.integers(len(TEXTURES)))
+    shape = rng.integers(len(SHAPE_FAMILIES))
+    texture = int(rng.integers(1, len(TEXTURES))) if rng.random() < TEXTURE_P else 0   # 0: flat
     radius = rng.uniform(*object_scale) * size / 2
     x, y = shapes.object_frame(size, size, *rng.uniform(.25, .75, 2) * size, rng.uniform(0, 2 * np.pi))
     mask = SHAPE_FAMILIES[shape][1](rng, x / radius, y / radius)
