@@ -110,16 +110,20 @@ def set_torch_threads(threads=0):
 
 
 # ------------------------------------------------------------------------------------------------ the machine
+def cpu_model():
+  """The CPU's model name (/proc/cpuinfo; elsewhere platform.processor())."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or 'unknown CPU'
+
+
 def machine():
   """Where the numbers come from: CPU model and cores, accelerator, library versions, XLA flags."""
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  cpu = cpu_model()
   try:
     load = os.getloadavg()[0]
   except OSError:

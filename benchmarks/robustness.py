@@ -13,7 +13,6 @@ over seeds, the goals with PASS / FAIL and the machine with each run's pipeline 
 """
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import harness
 from seam_jax import compare_runs
 from seam_jax.common import errors, files
 from seam_jax.data import style_draws, voc
@@ -50,14 +50,6 @@ CLASS_GOAL_SHARE = 0.9
 
 def log(msg):
   print(f'[{time.strftime("%H:%M:%S")}] {msg}', flush=True)
-
-
-def cpu_model():
-  try:
-    with open('/proc/cpuinfo') as f:
-      return next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    return platform.processor() or 'unknown CPU'
 
 
 def command(config, workdir, voc_root, label_source, seed, overrides=()):
@@ -138,7 +130,7 @@ def goals(records):
 def aggregate(draws, results):
   """robustness.json's content: `draws` {index: style draw}, `results` [{draw, seed, workdir, status, summary}]."""
   records = [record(r) for r in results]
-  return {'cpu': cpu_model(), 'cores': os.cpu_count(), 'draws': {str(d): v for d, v in draws.items()},
+  return {'cpu': harness.cpu_model(), 'cores': os.cpu_count(), 'draws': {str(d): v for d, v in draws.items()},
           'runs': records, 'goals': goals(records)}
 
 

@@ -122,12 +122,9 @@ def _resolve_occlusion(masks):
 
 def _background(rng, h, w, style):
   """The image before its objects: style.background, or the style's own default ('': what it always drew)."""
-  kind = style.background or ('grey' if style.plain else 'clutter')
-  if kind == 'clutter':
-    return shapes_lib.clutter_background(rng, h, w, style.clutter)
-  if not style.background:
+  if style.plain and not style.background:
     return rng.normal(128, 20, (h, w, 3))   # the plain set's default, a fixed level
-  return shapes_lib.grey_background(rng, h, w) if kind == 'grey' else shapes_lib.smooth_background(rng, h, w)
+  return shapes_lib.background(rng, h, w, style.background or 'clutter', style.clutter)
 
 
 def render(seed, index, primary, image_size, style=Style()):

@@ -93,11 +93,7 @@ NUM_OUTPUTS = NUM_COLOURS + len(TEXTURES)   # the head's channels: colour classe
 def background(rng, size):
   """float (size, size, 3): a background of a random kind (shapes.BACKGROUNDS)."""
   kind = shapes.BACKGROUNDS[rng.integers(len(shapes.BACKGROUNDS))]
-  if kind == 'grey':
-    return shapes.grey_background(rng, size, size)
-  if kind == 'smooth':
-    return shapes.smooth_background(rng, size, size)
-  return shapes.clutter_background(rng, size, size, rng.uniform(.3, 1.))
+  return shapes.background(rng, size, size, kind, rng.uniform(.3, 1.) if kind == 'clutter' else 1.)
 
 
 def render(seed, index, size, object_scale=OBJECT_SCALE):

@@ -156,3 +156,10 @@ def clutter_background(rng, h, w, clutter):
     draw.polygon([tuple(p) for p in c + rad[:, None] * np.stack([np.cos(ang), np.sin(ang)], 1)],
                  fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
   return (1 - .35 * clutter) * img + .35 * clutter * np.asarray(shapes, np.float32)
+
+
+def background(rng, h, w, kind, clutter=1.0):
+  """A background of `kind` (BACKGROUNDS); `clutter`: the strength of the 'clutter' kind."""
+  if kind == 'clutter':
+    return clutter_background(rng, h, w, clutter)
+  return grey_background(rng, h, w) if kind == 'grey' else smooth_background(rng, h, w)
